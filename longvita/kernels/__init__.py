@@ -1,0 +1,12 @@
+"""longvita's kernels. Each family lives in one file: public function ->
+autograd.Function -> launchers (Triton / CUDA), with plain-torch references in
+``reference.py``. This package never imports ``model`` or ``dist``.
+"""
+
+from longvita.kernels.varlen_attention import (  # noqa: F401
+    varlen_attention,
+    varlen_attention_bwd,
+    varlen_attention_fwd,
+)
+
+__all__ = ["varlen_attention", "varlen_attention_fwd", "varlen_attention_bwd"]

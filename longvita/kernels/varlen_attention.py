@@ -1,0 +1,157 @@
+"""Varlen packed attention: public function -> autograd.Function -> launchers.
+
+THD layout like flash-attn's ``flash_attn_varlen_func``: q (total_q, Hq, D),
+k/v (total_k, Hkv, D), int32 ``cu_seqlens``. Causal is bottom-right aligned.
+
+The building blocks ``varlen_attention_fwd`` / ``varlen_attention_bwd`` take and
+return ``(out, lse)`` / ``(dq, dk, dv)`` without autograd, so ring attention can call
+them per block.
+
+NOTE (foundation): the Triton kernels land with the varlen-attention issue; until
+then every backend runs the torch reference building blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longvita.kernels import reference as ref
+from longvita.kernels._backend import resolve_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for GQA"
+        )
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+            raise ValueError(f"{name} must be a 1-D tensor of batch+1 offsets")
+        if cu.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"{name} must be on {q.device}, got {cu.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if not isinstance(m, int) or isinstance(m, bool) or m < 0:
+            raise ValueError(f"{name} must be a non-negative Python int, got {m!r}")
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+
+
+def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
+    """Value checks that read cu_seqlens. Only on CPU tensors: on GPU they would sync."""
+    for name, cu, total, mx in (
+        ("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
+        ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k),
+    ):
+        if cu.device.type != "cpu":
+            continue
+        lens = cu[1:] - cu[:-1]
+        if int(cu[0]) != 0:
+            raise ValueError(f"{name} must start at 0, got {int(cu[0])}")
+        if bool((lens < 0).any()):
+            raise ValueError(f"{name} must be non-decreasing, got {cu.tolist()}")
+        if int(cu[-1]) > total:
+            raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {total} packed tokens")
+        if lens.numel() and int(lens.max()) > mx:
+            raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')} = {mx} is less than the longest document ({int(lens.max())})")
+
+
+def varlen_attention_fwd(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale=None, causal=False, window_size=(-1, -1), backend=None,
+):
+    """Forward building block: ``(out, lse)``, no autograd. lse is fp32 (Hq, total_q)."""
+    resolve_backend(q.device, backend)
+    return ref.varlen_attention_fwd_reference(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tuple(window_size)
+    )
+
+
+def varlen_attention_bwd(
+    dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    softmax_scale=None, causal=False, window_size=(-1, -1), dlse=None, backend=None,
+):
+    """Backward building block: ``(dq, dk, dv)`` from the saved ``(out, lse)``."""
+    resolve_backend(q.device, backend)
+    return ref.varlen_attention_bwd_reference(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tuple(window_size), dlse
+    )
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
+        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *params)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.params = params
+        ctx.mark_non_differentiable(cu_seqlens_q, cu_seqlens_k)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, causal, window, backend = ctx.params
+        dq, dk, dv = varlen_attention_bwd(
+            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window, dlse, backend
+        )
+        return dq, dk, dv, None, None, None
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Flash attention over packed documents.
+
+    Args:
+        q: (total_q, Hq, D). k, v: (total_k, Hkv, D), Hq % Hkv == 0 (GQA, K/V never repeated).
+        cu_seqlens_q, cu_seqlens_k: (B+1,) int32 document offsets; zero-length documents allowed.
+        max_seqlen_q, max_seqlen_k: Python ints (no host sync), >= the longest document.
+        softmax_scale: default D ** -0.5.
+        causal: bottom-right aligned causal mask.
+        window_size: (left, right) local attention as in flash-attn; -1 = unlimited.
+        return_lse: also return lse (Hq, total_q) fp32, natural log, differentiable.
+        backend: None/'auto', 'torch' or 'triton' (default from LONGVITA_BACKEND).
+
+    Returns:
+        out (total_q, Hq, D) in q's dtype, or (out, lse). Rows that see no key give
+        out = 0 and lse = -inf; rows past cu_seqlens_q[-1] give 0 and get zero gradients.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
+    _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
+    params = (max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), tuple(int(w) for w in window_size), backend)
+    out, lse = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
+    return (out, lse) if return_lse else out

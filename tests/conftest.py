@@ -1,0 +1,43 @@
+"""Test set-up. Without CUDA, Triton kernels run in Triton's CPU interpreter: that
+needs TRITON_INTERPRET=1 before triton is first imported, so it is set here, at
+collection time, before any longvita module loads."""
+
+import os
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Fresh random inputs per test, reproducible from the printed seed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("LONGVITA_TEST_SEED") is None else int(os.environ["LONGVITA_TEST_SEED"])
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"\n[seed] reproduce with LONGVITA_TEST_SEED={seed}")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
