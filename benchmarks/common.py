@@ -1,0 +1,132 @@
+"""Shared helpers for longvita's microbenchmarks.
+
+Each ``bench_*.py`` runs two ways:
+- under pytest-benchmark: ``pytest benchmarks --benchmark-only`` (GPU cases skip
+  without CUDA; the timed callable synchronises; TFLOP/s or GB/s go in ``extra_info``);
+- as a script: ``python benchmarks/bench_X.py [--quick] [--out FILE]`` prints a table of
+  our kernel against the baselines measured in the same run and writes JSON, which
+  ``python benchmarks/make_results.py`` turns into tables for ``benchmarks/RESULTS.md``.
+
+One setup function per op serves the speed and the memory runs; warm-up is excluded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")
+
+
+def cuda_sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream (CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_gib(fn) -> float:
+    """Peak CUDA memory allocated by ``fn()`` above what was allocated before, in GiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def environment() -> dict:
+    import importlib
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+    }
+    for mod in ("triton", "flash_attn", "liger_kernel", "cut_cross_entropy"):
+        try:
+            env[mod] = importlib.import_module(mod).__version__
+        except Exception:
+            env[mod] = None
+    return env
+
+
+@dataclass
+class Row:
+    """One measured case: ``impl`` on ``case``, with any metrics (ms, tflops, gbps, gib...)."""
+
+    case: str
+    impl: str
+    metrics: dict = field(default_factory=dict)
+
+
+def print_table(title: str, rows: list[Row], metrics: list[str]) -> None:
+    print(f"\n## {title}")
+    header = ["case", "impl"] + metrics
+    lines = [header] + [
+        [r.case, r.impl] + [_fmt(r.metrics.get(m)) for m in metrics] for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    for n, line in enumerate(lines):
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def write_json(name: str, title: str, rows: list[Row], metrics: list[str], out: str | None = None) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    payload = {
+        "name": name,
+        "title": title,
+        "environment": environment(),
+        "metrics": metrics,
+        "rows": [asdict(r) for r in rows],
+    }
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)  # never leave a half-written result over a good one
+    print(f"\nwrote {path}", file=sys.stderr)
+    return path
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
