@@ -1,0 +1,145 @@
+"""Configs as dataclasses, with named presets.
+
+Long-VITA-14B = InternViT-300M-448px -> pixel shuffle (0.5) -> LayerNorm(4096) ->
+Linear(4096->1024, no bias) -> GELU -> Linear(1024->5120, no bias) -> Qwen2.5-14B.
+InternVL's own projector has biases and a 5120-wide middle, so width and biases are config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VisionConfig:
+    """InternViT encoder."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    select_layer: int = -1  # which layer's output feeds the projector (-1: the last)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass
+class ProjectorConfig:
+    """Pixel shuffle + LayerNorm + Linear -> GELU -> Linear."""
+
+    scale_factor: float = 0.5
+    intermediate_size: int = 1024  # Long-VITA: 1024; InternVL: the text hidden size
+    bias: bool = False  # Long-VITA: no biases; InternVL: biases
+    layer_norm_eps: float = 1e-5  # nn.LayerNorm's default, as both families use
+    hidden_act: str = "gelu"
+
+
+@dataclass
+class TextConfig:
+    """Qwen2 / Qwen2.5 decoder."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 5120
+    num_layers: int = 48
+    num_heads: int = 40
+    num_kv_heads: int = 8
+    intermediate_size: int = 13824
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 1048576
+    head_dim: int | None = None  # None: hidden_size // num_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class LongVITAConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tie_word_embeddings: bool = False
+    # ids of the placeholder tokens that projected tile embeddings replace, in order
+    # (<IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>); they come from the checkpoint's
+    # tokenizer or config, never hard-coded
+    image_token_ids: tuple[int, ...] = ()
+
+    @property
+    def tokens_per_tile(self) -> int:
+        inv = round(1 / self.projector.scale_factor)
+        return self.vision.num_patches // (inv * inv)
+
+    def validate(self) -> "LongVITAConfig":
+        v, p, t = self.vision, self.projector, self.text
+        problems = []
+        if v.hidden_size % v.num_heads:
+            problems.append(f"vision.hidden_size ({v.hidden_size}) must be divisible by vision.num_heads ({v.num_heads})")
+        if v.image_size % v.patch_size:
+            problems.append(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")
+        inv = 1 / p.scale_factor
+        if abs(inv - round(inv)) > 1e-6 or (v.image_size // v.patch_size) % round(inv):
+            problems.append(
+                f"projector.scale_factor ({p.scale_factor}) must be 1/n with n dividing the patch grid ({v.image_size // v.patch_size})"
+            )
+        if t.num_heads % t.num_kv_heads:
+            problems.append(f"text.num_heads ({t.num_heads}) must be divisible by text.num_kv_heads ({t.num_kv_heads})")
+        if t.head_dim is None and t.hidden_size % t.num_heads:
+            problems.append(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
+        if problems:
+            raise ValueError("invalid LongVITAConfig: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LongVITAConfig":
+        return cls(
+            vision=VisionConfig(**d.get("vision", {})),
+            projector=ProjectorConfig(**d.get("projector", {})),
+            text=TextConfig(**d.get("text", {})),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            image_token_ids=tuple(d.get("image_token_ids", ())),
+        ).validate()
+
+
+def _tiny() -> LongVITAConfig:
+    # seconds on a CPU: 56-px tiles of 14-px patches -> 16 patches -> 4 tokens per tile
+    return LongVITAConfig(
+        vision=VisionConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, image_size=56),
+        projector=ProjectorConfig(intermediate_size=48),
+        text=TextConfig(
+            vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+            intermediate_size=128, max_position_embeddings=32768,
+        ),
+    )
+
+
+def _long_vita_14b() -> LongVITAConfig:
+    return LongVITAConfig(vision=VisionConfig(), projector=ProjectorConfig(), text=TextConfig())
+
+
+PRESETS = {"tiny": _tiny, "long-vita-14b": _long_vita_14b}
+
+
+def preset(name: str) -> LongVITAConfig:
+    """A named config: ``tiny`` (tests, the embedded demo) or ``long-vita-14b``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]().validate()

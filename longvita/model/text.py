@@ -1,0 +1,140 @@
+"""Qwen2 / Qwen2.5 decoder over packed tokens: GQA, RoPE from per-token position ids,
+SwiGLU MLP, RMSNorm. Module and parameter names follow transformers' Qwen2 so that
+checkpoints map one to one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longvita.kernels import varlen_attention
+from longvita.model.config import TextConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables (tokens, head_dim) for per-token positions, computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (tokens, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (tokens, heads, head_dim); rotate-half convention as Qwen2."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class KVCache:
+    """Keys/values of one sequence for every layer, preallocated to ``capacity`` tokens.
+
+    Decoding appends one token per step; the prefix is never recomputed.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: TextConfig, capacity: int, device, dtype) -> "KVCache":
+        shape = (capacity, cfg.num_kv_heads, cfg.attn_head_dim)
+        return cls(
+            k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+            v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
+        )
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.attn_head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: KVCache | None = None, layer_idx: int = 0):
+        n = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
+        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        if cache is None:
+            out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        else:
+            # one sequence: append to the cache, attend to all of it (bottom-right causal)
+            start, end = cache.length, cache.length + n
+            cache.k[layer_idx][start:end] = k
+            cache.v[layer_idx][start:end] = v
+            cu_q = torch.tensor([0, n], dtype=torch.int32, device=x.device)
+            cu_k = torch.tensor([0, end], dtype=torch.int32, device=x.device)
+            out = varlen_attention(
+                q, cache.k[layer_idx][:end], cache.v[layer_idx][:end], cu_q, cu_k, n, end, causal=True
+            )
+        return self.o_proj(out.reshape(n, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextDecoder(nn.Module):
+    """Embeddings -> decoder layers -> final norm. Returns hidden states; the LM head
+    lives in ``LongVITA`` so that only the rows that need logits reach it."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, inputs_embeds, position_ids, cu_seqlens, max_seqlen, cache: KVCache | None = None):
+        cos, sin = rope_cos_sin(position_ids, self.cfg.attn_head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
+        if cache is not None:
+            cache.length += inputs_embeds.shape[0]
+        return self.norm(x)
