@@ -10,3 +10,12 @@ from longvita.kernels.varlen_attention import (  # noqa: F401
 )
 
 __all__ = ["varlen_attention", "varlen_attention_fwd", "varlen_attention_bwd"]
+
+from longvita.kernels.lm_head import (  # noqa: F401,E402
+    LCEParams,
+    gather_logits,
+    last_token_index,
+    linear_cross_entropy,
+)
+
+__all__ += ["last_token_index", "gather_logits", "linear_cross_entropy", "LCEParams"]
