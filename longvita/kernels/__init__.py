@@ -19,3 +19,10 @@ from longvita.kernels.lm_head import (  # noqa: F401,E402
 )
 
 __all__ += ["last_token_index", "gather_logits", "linear_cross_entropy", "LCEParams"]
+
+from longvita.kernels.pixel_shuffle import (  # noqa: E402,F401
+    pixel_shuffle_layernorm,
+    pixel_shuffle_project,
+)
+
+__all__ += ["pixel_shuffle_project", "pixel_shuffle_layernorm"]
