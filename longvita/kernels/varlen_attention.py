@@ -7,8 +7,11 @@ The building blocks ``varlen_attention_fwd`` / ``varlen_attention_bwd`` take and
 return ``(out, lse)`` / ``(dq, dk, dv)`` without autograd, so ring attention can call
 them per block.
 
-NOTE (foundation): the Triton kernels land with the varlen-attention issue; until
-then every backend runs the torch reference building blocks.
+Backends (``backend=`` or ``LONGVITA_BACKEND``, see ``_backend.resolve_backend``):
+'triton' (the kernels in ``varlen_attention_triton.py``; CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``), 'torch' (the reference in ``reference.py``), and
+'flash_attn' (the flash-attn package, when importable, for comparison). float64
+inputs always run the reference. There is no CUDA C++ attention: 'cuda' runs Triton.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from longvita.kernels import reference as ref
-from longvita.kernels._backend import resolve_backend
+from longvita.kernels._backend import resolve_backend, triton_runs_on
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -78,26 +81,96 @@ def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_s
             raise ValueError(f"{name.replace('cu_seqlens', 'max_seqlen')} = {mx} is less than the longest document ({int(lens.max())})")
 
 
+def _pick_backend(q: torch.Tensor, backend: str | None) -> str:
+    name = resolve_backend(q.device, backend)
+    if name == "cuda":  # no CUDA C++ attention: the Triton kernels are the GPU path
+        name = "triton" if triton_runs_on(q.device) else "torch"
+    if name == "triton" and q.dtype == torch.float64:
+        name = "torch"  # Triton has no fast float64 dot; the reference is exact
+    return name
+
+
 def varlen_attention_fwd(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     softmax_scale=None, causal=False, window_size=(-1, -1), backend=None,
 ):
-    """Forward building block: ``(out, lse)``, no autograd. lse is fp32 (Hq, total_q)."""
-    resolve_backend(q.device, backend)
-    return ref.varlen_attention_fwd_reference(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tuple(window_size)
-    )
+    """Forward building block: ``(out, lse)``, no autograd.
+
+    out (total_q, Hq, D) in q's dtype; lse (Hq, total_q) fp32 natural log (float64 for
+    float64 inputs). Rows that see no key: out 0, lse -inf; rows past cu_seqlens_q[-1]
+    likewise.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    window = (int(window_size[0]), int(window_size[1]))
+    name = _pick_backend(q, backend)
+    if name == "triton":
+        from longvita.kernels.varlen_attention_triton import varlen_attention_fwd_triton
+
+        return varlen_attention_fwd_triton(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), window
+        )
+    if name == "flash_attn":
+        return _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window)
+    return ref.varlen_attention_fwd_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window)
 
 
 def varlen_attention_bwd(
     dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     softmax_scale=None, causal=False, window_size=(-1, -1), dlse=None, backend=None,
 ):
-    """Backward building block: ``(dq, dk, dv)`` from the saved ``(out, lse)``."""
-    resolve_backend(q.device, backend)
+    """Backward building block: ``(dq, dk, dv)`` from the saved ``(out, lse)``.
+
+    dout, out: (total_q, Hq, D); lse, dlse: (Hq, total_q) (dlse may be None). The LSE's
+    gradient enters as Delta = rowsum(dout * out) - dlse. Rows past cu_seqlens[-1] get
+    zero gradients. Deterministic (no atomics) on the Triton backend.
+    """
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    window = (int(window_size[0]), int(window_size[1]))
+    name = _pick_backend(q, backend)
+    if name == "triton":
+        from longvita.kernels.varlen_attention_triton import varlen_attention_bwd_triton
+
+        return varlen_attention_bwd_triton(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            scale, bool(causal), window, dlse,
+        )
+    if name == "flash_attn":
+        return _flash_attn_bwd(
+            dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window, dlse
+        )
     return ref.varlen_attention_bwd_reference(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, tuple(window_size), dlse
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window, dlse
     )
+
+
+def _flash_attn_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError("backend='flash_attn' needs the flash-attn package") from e
+    # public API only; return_attn_probs=True also returns the (Hq, total_q) fp32 lse
+    out, lse, _ = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+        window_size=window, return_attn_probs=True,
+    )
+    return out, lse
+
+
+def _flash_attn_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window):
+    with torch.no_grad():
+        return _flash_attn_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window)
+
+
+def _flash_attn_bwd(dout, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, dlse):
+    """Comparison backend: recomputes the forward under autograd (public API only)."""
+    if dlse is not None:
+        raise NotImplementedError("backend='flash_attn' cannot take an lse gradient (dlse); use 'triton'")
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with torch.enable_grad():
+        out, _ = _flash_attn_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window)
+    return torch.autograd.grad(out, (q, k, v), dout)
 
 
 class _VarlenAttention(torch.autograd.Function):
