@@ -1,0 +1,7 @@
+"""The one exception type the data layer raises for bad user input."""
+
+
+class InputError(ValueError):
+    """A user-supplied input (image, video, tokenizer file, prompt segment) is missing,
+    unreadable or malformed. The message names the input and the problem, so the CLI can
+    print it as one line. Subclasses ValueError so generic ``except ValueError`` works."""

@@ -1,0 +1,124 @@
+"""Video decoding into Long-VITA frame tiles.
+
+Frame selection, precisely: the video stream's frame timestamps are read from the
+demuxed packets (cheap: no decoding), sorted, and taken relative to the first one.
+Time is cut into buckets of ``1/max_fps`` seconds and the first frame of each
+non-empty bucket is kept, so at most ``max_fps`` frames per second survive and a
+video slower than ``max_fps`` keeps every frame. If more than ``max_frames`` remain,
+``max_frames`` of them are taken uniformly (``linspace(0, n-1, max_frames)`` rounded,
+so the first and last survivors are always kept). Only the selected frames are
+converted; each is padded to square with its mean colour, resized bicubic to one tile
+and ImageNet-normalised exactly like an image's thumbnail.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longvita.data.errors import InputError
+from longvita.data.image import square_tile
+
+__all__ = ["load_video", "select_frames"]
+
+
+def select_frames(timestamps: list[float | Fraction], *, max_fps: float = 1.0, max_frames: int = 4096) -> list[int]:
+    """Indices into ``timestamps`` (seconds, in presentation order) of the frames kept:
+    the first frame of every ``1/max_fps``-second bucket, then uniformly at most
+    ``max_frames`` of those. Pure function so the rule can be tested without a codec."""
+    if max_fps <= 0:
+        raise ValueError(f"max_fps must be positive, got {max_fps}")
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if not timestamps:
+        return []
+    fps = Fraction(max_fps)  # exact arithmetic: a frame at exactly k/max_fps opens bucket k
+    t0 = Fraction(timestamps[0])
+    kept, last_bucket = [], None
+    for i, t in enumerate(timestamps):
+        bucket = math.floor((Fraction(t) - t0) * fps)
+        if bucket != last_bucket:
+            kept.append(i)
+            last_bucket = bucket
+    if len(kept) > max_frames:
+        picks = np.linspace(0, len(kept) - 1, max_frames).round().astype(np.int64)
+        kept = [kept[p] for p in picks]
+    return kept
+
+
+def _open(path: Path):
+    import av  # imported here: only video users need PyAV
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"video file {str(path)!r} is corrupt or not a video: {exc}") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"video file {str(path)!r} has no video stream")
+    return container
+
+
+def load_video(
+    path: str | Path,
+    *,
+    max_frames: int = 4096,
+    max_fps: float = 1.0,
+    image_size: int = 448,
+) -> torch.Tensor:
+    """Decode a video into frame tiles: float32 ``(F, 3, image_size, image_size)`` with
+    ``1 <= F <= max_frames`` and at most ``max_fps`` frames per second of video (see the
+    module docstring for the exact rule).
+
+    Raises InputError naming the file if it is missing, has no video stream, cannot be
+    decoded, or yields no frames."""
+    import av
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"video file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise InputError(f"video path {str(path)!r} is not a file")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+
+    # Pass 1: presentation timestamps from packets only (no decoding), to choose frames
+    # before paying for any pixel conversion.
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        time_base = stream.time_base
+        try:
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise InputError(f"video file {str(path)!r} is corrupt: {exc}") from None
+    finally:
+        container.close()
+    if not pts or time_base is None:
+        raise InputError(f"video file {str(path)!r} contains no timestamped video frames")
+    wanted = {pts[i] for i in select_frames([p * time_base for p in pts], max_fps=max_fps, max_frames=max_frames)}
+
+    # Pass 2: decode and keep the chosen frames (decoding must run through every frame:
+    # inter-coded frames depend on earlier ones).
+    frames: dict[int, torch.Tensor] = {}
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            for frame in container.decode(stream):
+                ts = frame.pts  # decoded frames carry their packet's pts
+                if ts in wanted and ts not in frames:
+                    frames[ts] = square_tile(frame.to_image(), image_size)
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise InputError(f"video file {str(path)!r} is corrupt: {exc}") from None
+    finally:
+        container.close()
+    if not frames:
+        raise InputError(f"video file {str(path)!r} decoded to no frames")
+    # Frames whose packets could not be decoded are dropped rather than invented.
+    return torch.stack([frames[p] for p in sorted(frames)])
