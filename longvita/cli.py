@@ -106,12 +106,12 @@ def cmd_generate(args) -> int:
     import torch
 
     from longvita.data import (
+        SpecialTokens,
         build_default_tokenizer,
         build_inputs,
         load_image,
         load_tokenizer,
         load_video,
-        special_tokens,
         tile_image,
     )
 
@@ -124,16 +124,16 @@ def cmd_generate(args) -> int:
     model, folder = _load_model(args, torch)
     cfg = model.config
     tokenizer = load_tokenizer(folder) if folder else build_default_tokenizer()
-    special = special_tokens(tokenizer)
+    special = SpecialTokens.from_tokenizer(tokenizer)
     cfg.image_token_ids = special.context_token_ids
     size = cfg.vision.image_size
 
     segments: list = []
     if args.image:
         for path in args.image:
-            segments.append(tile_image(load_image(path), image_size=size, max_tiles=args.max_tiles))
+            segments.append(tile_image(load_image(path), image_size=size, max_num=args.max_tiles))
     elif args.model is None and not args.video:
-        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_tiles=args.max_tiles))
+        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles))
     if args.video:
         segments.append(load_video(args.video, max_frames=args.max_frames, image_size=size))
     segments.append(args.prompt)
@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     tokens = []
     for tok in model.generate(
-        input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=special.eos,
+        input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=special.eos_token_id,
         temperature=args.temperature, generator=gen,
     ):
         tokens.append(tok)
@@ -226,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(exc: Exception) -> bool:
     from longvita.model import CheckpointError
 
-    return isinstance(exc, (CLIError, CheckpointError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError))
+    from longvita.data import InputError
+
+    return isinstance(exc, (CLIError, CheckpointError, InputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError))
 
 
 if __name__ == "__main__":

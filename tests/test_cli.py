@@ -1,0 +1,88 @@
+"""The command line as a user meets it: the embedded default, info, and bad inputs
+(one line on stderr, non-zero exit, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longvita.cli import main
+
+
+def _run(*args, env=None):
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)  # a user's shell: the demo runs the CPU reference path
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "longvita", *args], capture_output=True, text=True, env=e, timeout=300)
+
+
+def test_generate_default_json_subprocess():
+    r = _run("generate", "--json", "--max-new-tokens", "5", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["tokens"]) >= 1 and all(isinstance(t, int) for t in out["tokens"])
+    assert out["tiles"] >= 1 and out["tokens_per_s"] > 0
+    # same seed, same tokens
+    r2 = _run("generate", "--json", "--max-new-tokens", "5", "--seed", "3")
+    assert json.loads(r2.stdout)["tokens"] == out["tokens"]
+
+
+def test_info_subprocess():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    for word in ("torch", "triton", "native extension", "varlen_attention="):
+        assert word in r.stdout
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    r = _run("generate", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+def test_bad_image_names_the_file(tmp_path, capsys, kind):
+    path = tmp_path / "pic.png"
+    if kind == "corrupt":
+        path.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    code = main(["generate", "--image", str(path), "--max-new-tokens", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "pic.png" in err[0]
+
+
+def test_corrupt_video_names_the_file(tmp_path, capsys):
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage")
+    code = main(["generate", "--video", str(path), "--max-new-tokens", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "clip.mp4" in err[0]
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path, capsys):
+    from longvita.model import LongVITA, preset
+
+    LongVITA(preset("tiny")).save_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    code = main(["generate", "--model", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "model.safetensors" in err[0]
+
+
+def test_generate_from_saved_checkpoint_with_tokenizer(tmp_path, capsys):
+    """A real checkpoint folder goes through the same code as the embedded default."""
+    from longvita.data import build_default_tokenizer
+    from longvita.model import LongVITA, preset
+
+    torch.manual_seed(0)
+    LongVITA(preset("tiny")).save_pretrained(str(tmp_path))
+    build_default_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    code = main(["generate", "--model", str(tmp_path), "--json", "--max-new-tokens", "3", "--prompt", "hi"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert len(json.loads(out)["tokens"]) >= 1
