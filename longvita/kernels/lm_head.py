@@ -185,7 +185,10 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy has no {be!r} backend (use 'triton' or 'torch')")
     if hidden.dtype == torch.float64:
         be = "torch"
-    params = LCEParams(ignore_index=int(ignore_index), backend=be)
+    params = LCEParams(
+        ignore_index=int(ignore_index), backend=be,
+        torch_chunk_bytes=_TORCH_CHUNK_BYTES, bwd_chunk_bytes=_BWD_CHUNK_BYTES,
+    )
 
     labels = labels.long()
     if shift:  # row i predicts labels[i + 1]; the last row predicts nothing
