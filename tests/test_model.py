@@ -239,3 +239,26 @@ def test_long_vita_14b_preset_shapes():
     assert cfg.tokens_per_tile == 256
     n_params = sum(p.numel() for p in model.parameters())
     assert 14.0e9 < n_params < 15.5e9
+
+
+def test_loss_equals_cross_entropy_of_full_logits():
+    """LongVITA.loss (fused, logits never materialised) == F.cross_entropy on full logits, with grads."""
+    import torch.nn.functional as F
+
+    model = LongVITA(preset("tiny")).double()
+    ids = torch.randint(0, 500, (23,))
+    labels = torch.randint(0, 500, (23,))
+    labels[torch.rand(23) < 0.4] = -100
+    cu = torch.tensor([0, 10, 23], dtype=torch.int32)
+    loss = model.loss(ids, labels, cu_seqlens=cu)
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    assert sum(g is not None for g in grads) > 10
+    model.zero_grad()
+    ref = F.cross_entropy(model(ids, cu_seqlens=cu), labels, ignore_index=-100)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-10
+    for g, p in zip(grads, model.parameters()):
+        assert (g is None) == (p.grad is None)
+        if g is not None:
+            assert torch.allclose(g, p.grad, rtol=1e-8, atol=1e-12)

@@ -214,8 +214,10 @@ def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
         files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
     else:
         raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    from tqdm.auto import tqdm
+
     state = {}
-    for f in files:
+    for f in tqdm(files, desc=f"loading {os.path.basename(os.path.abspath(folder))}", unit="shard", disable=len(files) < 2):
         if not os.path.exists(f):
             raise CheckpointError(f"{f}: shard named in the index is missing")
         try:
