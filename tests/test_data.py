@@ -64,10 +64,13 @@ def test_grid_matches_internvl_including_ties():
     rng = random.Random(torch.initial_seed())
     ties = []
     for image_size in (448, 56):
-        for min_num, max_num in ((1, 12), (1, 6), (2, 12), (1, 1)):
+        # min_num > 1 makes equal-area grids tie (5:4 between 1x2 and 2x1 with min 2, max 3):
+        # there the candidates' order decides, so those configurations are included
+        for min_num, max_num in ((1, 12), (1, 6), (2, 12), (1, 1), (2, 3), (4, 4), (5, 7), (3, 3)):
             sizes = [(rng.randint(1, 4000), rng.randint(1, 4000)) for _ in range(300)]
             # exact-ratio sizes at several scales hit the tie rule (e.g. 2:1 ties 2x1 with 4x2)
-            for a, b in ((1, 1), (2, 1), (1, 2), (3, 2), (4, 3), (5, 4), (3, 1), (9, 4), (6, 5)):
+            ratios = ((1, 1), (2, 1), (1, 2), (3, 2), (4, 3), (5, 4), (3, 1), (9, 4), (6, 5), (13, 12), (5, 2), (5, 8), (5, 3))
+            for a, b in ratios:
                 for scale in (7, 28, 56, 100, 224, 448, 600):
                     sizes.append((a * scale, b * scale))
             for w, h in sizes:

@@ -9,7 +9,9 @@ What this module does, precisely (so it can be checked against a trained checkpo
    earlier one only if ``width*height > 0.5 * image_size**2 * cols*rows`` (a large image
    prefers more tiles). The order of equal-area candidates is CPython's set iteration
    order, which is deterministic for small int tuples; it is kept on purpose because it
-   decides ties such as 5:4 between 1x2 and 2x1, and checkpoints were trained with it.
+   decides exact ties between equal-area grids (only possible with min_num > 1, e.g. a
+   5:4 image between 2x1 and 1x2 when min_num=2, max_num=3), and checkpoints were
+   trained with it.
 2. Grid tiles: the whole image is resized (bicubic, no padding: the grid already
    matches the aspect ratio) to ``(image_size*cols, image_size*rows)`` and cut into
    ``image_size`` squares, row-major.
