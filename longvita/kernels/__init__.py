@@ -26,3 +26,7 @@ from longvita.kernels.pixel_shuffle import (  # noqa: E402,F401
 )
 
 __all__ += ["pixel_shuffle_project", "pixel_shuffle_layernorm"]
+
+from longvita.kernels.lse_merge import lse_merge_  # noqa: E402,F401
+
+__all__ += ["lse_merge_"]
