@@ -178,14 +178,12 @@ def test_select_frames_rule():
         select_frames(ts30, max_fps=0)
 
 
-@pytest.fixture(scope="module")
-def grey_video(tmp_path_factory):
+def write_grey_video(path, codec):
     """3 s of 64x48 video at 8 fps; frame i is solid grey 10*i."""
     import av
 
-    path = tmp_path_factory.mktemp("video") / "grey.mp4"
     with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=8)
+        stream = out.add_stream(codec, rate=8)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for i in range(24):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
@@ -194,6 +192,11 @@ def grey_video(tmp_path_factory):
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+@pytest.fixture(scope="module")
+def grey_video(tmp_path_factory):
+    return write_grey_video(tmp_path_factory.mktemp("video") / "grey.mp4", "mpeg4")
 
 
 def grey_levels(frames):
@@ -212,6 +215,17 @@ def test_load_video_samples_frames(grey_video, max_fps, max_frames, levels):
         levels = [10 * i for i in range(24)]
     assert frames.shape == (len(levels), 3, 28, 28)
     torch.testing.assert_close(grey_levels(frames), torch.tensor(levels, dtype=torch.float32), atol=4.0, rtol=0)
+
+
+def test_load_video_raw_stream_without_timestamps(tmp_path):
+    """A raw H.264 elementary stream has no packet timestamps: index / frame rate is used."""
+    import av
+
+    if "h264" not in av.codecs_available and "libx264" not in av.codecs_available:
+        pytest.skip("no H.264 encoder in this PyAV build")
+    path = write_grey_video(tmp_path / "grey.h264", "libx264" if "libx264" in av.codecs_available else "h264")
+    frames = load_video(path, max_fps=1.0, image_size=28)
+    torch.testing.assert_close(grey_levels(frames), torch.tensor([0.0, 80.0, 160.0]), atol=4.0, rtol=0)
 
 
 def test_load_video_errors(tmp_path):

@@ -1,7 +1,8 @@
 """Video decoding into Long-VITA frame tiles.
 
 Frame selection, precisely: the video stream's frame timestamps are read from the
-demuxed packets (cheap: no decoding), sorted, and taken relative to the first one.
+demuxed packets (cheap: no decoding), sorted, and taken relative to the first one
+(a stream without timestamps, such as raw .h264, uses frame index / frame rate).
 Time is cut into buckets of ``1/max_fps`` seconds and the first frame of each
 non-empty bucket is kept, so at most ``max_fps`` frames per second survive and a
 video slower than ``max_fps`` keeps every frame. If more than ``max_frames`` remain,
@@ -85,35 +86,48 @@ def load_video(
         raise InputError(f"video path {str(path)!r} is not a file")
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    select_frames([], max_fps=max_fps, max_frames=max_frames)  # validate options before I/O
 
     # Pass 1: presentation timestamps from packets only (no decoding), to choose frames
-    # before paying for any pixel conversion.
+    # before paying for any pixel conversion. Raw elementary streams (e.g. .h264) carry
+    # no timestamps: then frames are keyed by their output index at the stream's rate.
     container = _open(path)
     try:
         stream = container.streams.video[0]
         time_base = stream.time_base
+        rate = stream.guessed_rate or stream.average_rate  # guessed: FFmpeg's best estimate
         try:
-            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size > 0)
+            pts = [p.pts for p in container.demux(stream) if p.size > 0]
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise InputError(f"video file {str(path)!r} is corrupt: {exc}") from None
     finally:
         container.close()
-    if not pts or time_base is None:
-        raise InputError(f"video file {str(path)!r} contains no timestamped video frames")
-    wanted = {pts[i] for i in select_frames([p * time_base for p in pts], max_fps=max_fps, max_frames=max_frames)}
+    by_index = any(t is None for t in pts) or time_base is None
+    if by_index:
+        if not rate:
+            raise InputError(f"video file {str(path)!r} has neither frame timestamps nor a frame rate")
+        keys = list(range(len(pts)))
+        times = [Fraction(i) / Fraction(rate) for i in keys]
+    else:
+        keys = sorted(pts)
+        times = [t * time_base for t in keys]
+    if not keys:
+        raise InputError(f"video file {str(path)!r} contains no video frames")
+    wanted = {keys[i] for i in select_frames(times, max_fps=max_fps, max_frames=max_frames)}
 
     # Pass 2: decode and keep the chosen frames (decoding must run through every frame:
-    # inter-coded frames depend on earlier ones).
+    # inter-coded frames depend on earlier ones). Decoded frames come out in
+    # presentation order and carry their packet's pts.
     frames: dict[int, torch.Tensor] = {}
     container = _open(path)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
-            for frame in container.decode(stream):
-                ts = frame.pts  # decoded frames carry their packet's pts
-                if ts in wanted and ts not in frames:
-                    frames[ts] = square_tile(frame.to_image(), image_size)
+            for index, frame in enumerate(container.decode(stream)):
+                key = index if by_index else frame.pts
+                if key in wanted and key not in frames:
+                    frames[key] = square_tile(frame.to_image(), image_size)
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise InputError(f"video file {str(path)!r} is corrupt: {exc}") from None
     finally:
