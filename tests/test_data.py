@@ -103,7 +103,7 @@ def test_tiles_row_major_with_thumbnail_first():
         expected = normalised(rgb).view(3, 1, 1).expand(3, S, S)
         torch.testing.assert_close(tiles.pixel_values[1 + k], expected, atol=1e-5, rtol=0)
     # the thumbnail comes first: the whole (square) image shrunk to one tile
-    thumb = to_tensor(img.resize((S, S), Image.BICUBIC))
+    thumb = to_tensor(img.resize((S, S), Image.Resampling.BICUBIC))
     torch.testing.assert_close(tiles.pixel_values[0], thumb)
 
 
@@ -114,7 +114,7 @@ def test_grid_tiles_equal_internvl_crops():
     rows, cols = tiles.grid
     cols_ref, rows_ref = internvl_grid(170, 45, S, 1, 8)
     assert (rows, cols) == (rows_ref, cols_ref) and rows * cols > 1
-    resized = img.resize((S * cols, S * rows), Image.BICUBIC)
+    resized = img.resize((S * cols, S * rows), Image.Resampling.BICUBIC)
     for i in range(rows * cols):
         box = ((i % cols) * S, (i // cols) * S, (i % cols + 1) * S, (i // cols + 1) * S)
         torch.testing.assert_close(tiles.pixel_values[1 + i], to_tensor(resized.crop(box)), atol=0, rtol=0)

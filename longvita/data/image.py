@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageStat, UnidentifiedImageError
 
 from longvita.data.errors import InputError
 
@@ -84,7 +84,8 @@ class ImageTiles:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file fully decoded as RGB (alpha is dropped).
+    """Open an image file fully decoded as RGB (alpha is dropped; EXIF orientation is
+    not applied, matching InternVL / Long-VITA preprocessing).
 
     Raises InputError naming the file if it is missing, not a file, or not a
     decodable image (including truncated data: decoding is forced here, not later)."""
@@ -138,12 +139,14 @@ def choose_grid(width: int, height: int, *, image_size: int = 448, min_num: int 
 
 
 def pad_to_square(image: Image.Image) -> Image.Image:
-    """Centre the RGB image on a square canvas filled with its mean colour."""
+    """Centre the image (as RGB) on a square canvas filled with its mean colour."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
     w, h = image.size
     if w == h:
         return image
-    mean = np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0)
-    colour = tuple(int(round(c)) for c in mean)
+    # ImageStat works from per-band histograms: no float copy of a large photo
+    colour = tuple(int(round(c)) for c in ImageStat.Stat(image).mean)
     side = max(w, h)
     canvas = Image.new("RGB", (side, side), colour)
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
@@ -152,7 +155,9 @@ def pad_to_square(image: Image.Image) -> Image.Image:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> ImageNet-normalised float32 tensor (3, H, W)."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
     t = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
@@ -162,7 +167,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def square_tile(image: Image.Image, image_size: int) -> torch.Tensor:
     """Pad to square with the mean colour, resize bicubic, normalise -> (3, S, S).
     Used for the thumbnail, a single-tile image and every video frame."""
-    img = pad_to_square(image.convert("RGB")).resize((image_size, image_size), Image.BICUBIC)
+    img = pad_to_square(image.convert("RGB")).resize((image_size, image_size), Image.Resampling.BICUBIC)
     return to_tensor(img)
 
 
@@ -186,7 +191,7 @@ def tile_image(
     if rows * cols == 1:
         return ImageTiles(square_tile(image, image_size).unsqueeze(0), (1, 1), False)
 
-    resized = image.resize((image_size * cols, image_size * rows), Image.BICUBIC)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
     big = to_tensor(resized)  # (3, rows*S, cols*S)
     # (3, rows, S, cols, S) -> (rows, cols, 3, S, S): row-major tiles, same as cropping boxes
     grid = big.view(3, rows, image_size, cols, image_size).permute(1, 3, 0, 2, 4)
