@@ -102,9 +102,9 @@ def _checks(rank, world, seed):
         results[name]["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
     # error growth in fp16 against float64 (forward and gradients)
     cu = _cu(PACKED)
-    inputs64 = _full_inputs(seed + 100, PACKED, 4, 2, torch.float64)
-    want = _reference(*inputs64, cu, True)
-    half = [t.to(torch.float16) for t in inputs64[:3]] + [t.to(torch.float16) for t in inputs64[3:4]] + [inputs64[4].float()]
+    q, k, v, dout, dlse = _full_inputs(seed + 100, PACKED, 4, 2, torch.float64)
+    half = [t.to(torch.float16) for t in (q, k, v, dout)] + [dlse.float()]
+    want = _reference(*[t.double() for t in half], cu, True)  # float64 on the very same (rounded) inputs
     ring16 = _ring(*half, cu, True, rank, world)
     single16 = _reference(*half, cu, True)
     err = lambda a, b: (a.double() - b).abs().mean().item()  # noqa: E731
@@ -166,12 +166,17 @@ def test_ring_attention_matches_single_process(world, tmp_path):
             for what in ("out", "lse", "dq", "dk", "dv"):
                 assert errs[what] < 1e-5, f"rank {rank} {case}: {what} relative error {errs[what]:.2e}"
     if world == 4:
-        # the ring rounds each block's output to fp16 once, merges in fp32 and rounds once
-        # more; the single-process torch reference computes in fp32 and rounds once. The
-        # ring's mean error against float64 must stay within 1.5x of that.
+        # Error growth round the ring, in fp16, both sides against float64 on the same
+        # fp16-rounded inputs (mean absolute error). The single-process torch backend
+        # computes in fp32 and rounds once, the strictest baseline there is. The ring gets
+        # each block's output from the building block rounded to fp16, merges in fp32 and
+        # rounds once more (expected ~sqrt(2)x): the forward must stay within 1.5x. The
+        # building block also returns each block's dQ/dK/dV rounded to fp16, and P of
+        # them add up in fp32, so the gradients get the project's 2x rule (DESIGN.md).
         for what, (ring_err, single_err) in results[0]["fp16"].items():
-            assert ring_err <= 1.5 * single_err + 1e-7, (
-                f"fp16 {what}: ring error {ring_err:.3e} > 1.5x single-process {single_err:.3e}"
+            bound = 1.5 if what in ("out", "lse") else 2.0
+            assert ring_err <= bound * single_err + 1e-7, (
+                f"fp16 {what}: ring error {ring_err:.3e} > {bound}x single-process {single_err:.3e}"
             )
 
 
