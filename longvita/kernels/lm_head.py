@@ -197,9 +197,14 @@ def linear_cross_entropy(
 
     if drop_ignored:
         rows = valid.nonzero().squeeze(1)  # the one host sync (GPU) of this call
-        h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
+        if rows.numel() == n:  # every row labelled: no copy
+            rows = None
     else:
-        rows, h, y = None, hidden, labels
+        rows = None
+    if rows is None:
+        h, y = hidden, labels
+    else:
+        h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
     loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(h, weight, y, params)  # (M,), (M,)
 
     def per_row(x):
