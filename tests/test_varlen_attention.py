@@ -161,7 +161,7 @@ def test_fp16_error_at_most_twice_torch(causal):
 def test_rows_past_end_and_poisoned_buffers(monkeypatch):
     """Rows past cu_seqlens[-1] hold NaN inputs and must give out 0, lse -inf, zero grads;
     every row a kernel owns must be written (its output buffer starts as NaN)."""
-    lens_q, lens_k = [0, 1, 17, 5, 0, 37], [0, 1, 17, 5, 3, 30]
+    lens_q, lens_k = [0, 1, 17, 5, 0, 37], [0, 1, 0, 5, 3, 30]  # doc 2: queries, no keys
     hq, hkv, d, causal, window = 4, 2, 64, True, (-1, -1)
     q, k, v, cu_q, cu_k, mq, mk = _inputs(lens_q, lens_k, hq, hkv, d, torch.float32, extra_q=5, extra_k=3)
     nq, nk = sum(lens_q), sum(lens_k)
@@ -294,3 +294,19 @@ def test_gpu_low_precision_error_at_most_twice_torch(dtype, d, causal):
 @requires_cuda
 def test_gpu_fp32_uses_full_precision_dots():
     _check_fp32([0, 1, 300, 77], [0, 1, 300, 77], 4, 2, 128, True, tol=2e-5)
+
+
+def test_custom_ops_pass_opcheck():
+    """The torch.library registrations (schema, fake tensors, AOT dispatch) that let
+    torch.compile trace through the kernels."""
+    from longvita.kernels.varlen_attention_triton import varlen_attention_bwd_op, varlen_attention_fwd_op
+
+    lens = [0, 3, 9]
+    q, k, v, cu_q, cu_k, mq, mk = _inputs(lens, lens, 2, 1, 16, torch.float32)
+    fwd_args = (q, k, v, cu_q, cu_k, mq, mk, 0.25, True, -1, -1)
+    torch.library.opcheck(varlen_attention_fwd_op, fwd_args)
+    out, lse = varlen_attention_fwd_op(*fwd_args)
+    dlse = torch.randn_like(lse)
+    torch.library.opcheck(
+        varlen_attention_bwd_op, (torch.randn_like(q), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.25, True, -1, -1, dlse)
+    )

@@ -105,10 +105,10 @@ def varlen_attention_fwd(
     window = (int(window_size[0]), int(window_size[1]))
     name = _pick_backend(q, backend)
     if name == "triton":
-        from longvita.kernels.varlen_attention_triton import varlen_attention_fwd_triton
+        from longvita.kernels.varlen_attention_triton import varlen_attention_fwd_op
 
-        return varlen_attention_fwd_triton(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), window
+        return varlen_attention_fwd_op(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), *window
         )
     if name == "flash_attn":
         return _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window)
@@ -130,11 +130,11 @@ def varlen_attention_bwd(
     window = (int(window_size[0]), int(window_size[1]))
     name = _pick_backend(q, backend)
     if name == "triton":
-        from longvita.kernels.varlen_attention_triton import varlen_attention_bwd_triton
+        from longvita.kernels.varlen_attention_triton import varlen_attention_bwd_op
 
-        return varlen_attention_bwd_triton(
+        return varlen_attention_bwd_op(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            scale, bool(causal), window, dlse,
+            scale, bool(causal), *window, dlse,
         )
     if name == "flash_attn":
         return _flash_attn_bwd(

@@ -10,7 +10,7 @@ causal into the window, so the kernels only know ``HAS_LEFT`` / ``HAS_RIGHT``.
 
 Kernels:
 - ``_fwd_kernel``: grid (q blocks of the longest document, batch, Hq), early exit for
-  blocks past a document's end. The K loop runs in three phases: masked blocks at the
+  blocks past a document's end, last q block first (it has the most causal work). The K loop runs in three phases: masked blocks at the
   left window edge, unmasked full blocks, masked blocks at the diagonal / right edge /
   end of the document. Fully masked blocks are never visited. Online softmax in base 2
   (``qk_scale = softmax_scale * log2(e)``); the stored lse is natural-log.
@@ -113,7 +113,8 @@ def _fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # heaviest blocks first: under a causal mask the last q blocks see the most keys
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + b)
@@ -393,7 +394,8 @@ def _bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # heaviest blocks first: under a causal mask the last q blocks see the most keys
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + b)
@@ -647,3 +649,47 @@ def varlen_attention_bwd_triton(
     ]
     _launch("dq", _bwd_dq_kernel, max_seqlen_q, batch, hq, dq_args, consts, block_d)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops, so torch.compile traces through the kernels
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("longvita::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return varlen_attention_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, (window_left, window_right),
+    )
+
+
+@varlen_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("longvita::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int,
+    dlse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return varlen_attention_bwd_triton(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, (window_left, window_right), dlse,
+    )
+
+
+@varlen_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, dlse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
