@@ -157,6 +157,19 @@ class PixelShuffleParams:
     backend: str  # resolved: 'cuda' | 'cpp' | 'triton' | 'torch'
 
 
+def pixel_shuffle_source_index(h: int, scale_factor: float = 0.5, device=None) -> torch.Tensor:
+    """The index map as a tensor: (h*h*s^2, 1/s^2) source token of every (output row, slot).
+
+    ``x[:, idx].flatten(2)`` equals ``pixel_shuffle_reference(x, scale_factor)``; the kernels
+    compute the same map on the fly.
+    """
+    inv = _inv_of(scale_factor)
+    w_out = h // inv
+    r = torch.arange(w_out * w_out, device=device)[:, None]
+    s = torch.arange(inv * inv, device=device)[None, :]
+    return (inv * (r // w_out) + s // inv) * h + inv * (r % w_out) + s % inv
+
+
 # --------------------------------------------------------------------------------------
 # Validation and backend choice
 # --------------------------------------------------------------------------------------
