@@ -310,3 +310,23 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(
         varlen_attention_bwd_op, (torch.randn_like(q), q, k, v, out, lse, cu_q, cu_k, mq, mk, 0.25, True, -1, -1, dlse)
     )
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@requires_cuda
+@pytest.mark.skipif(not _flash_attn_importable(), reason="flash-attn not installed")
+def test_gpu_flash_attn_backend_agrees():
+    lens = [0, 1, 300, 77, 513]
+    q, k, v, cu_q, cu_k, mq, mk = _inputs(lens, lens, 8, 2, 128, torch.bfloat16)
+    out_t, lse_t = varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend="triton")
+    out_f, lse_f = varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, causal=True, backend="flash_attn")
+    r_out, r_lse = ref.varlen_attention_fwd_reference(q.double(), k.double(), v.double(), cu_q, cu_k, None, True)
+    assert _max_err(out_t, r_out) <= 2 * _max_err(out_f, r_out) + 1e-5 * _max_abs(r_out)
+    assert _max_err(lse_t, r_lse) <= 2 * _max_err(lse_f, r_lse) + 1e-5 * _max_abs(r_lse)
