@@ -87,6 +87,8 @@ def _pick_backend(q: torch.Tensor, backend: str | None) -> str:
         name = "triton" if triton_runs_on(q.device) else "torch"
     if name == "triton" and q.dtype == torch.float64:
         name = "torch"  # Triton has no fast float64 dot; the reference is exact
+    if name == "triton" and q.shape[-1] > 256:
+        raise ValueError(f"head_dim must be at most 256 for the triton backend, got {q.shape[-1]}")
     return name
 
 
