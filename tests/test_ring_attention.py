@@ -100,6 +100,14 @@ def _checks(rank, world, seed):
         want = _reference(*inputs, cu, causal)
         results[name] = {k: _rel(a, b) for k, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
         results[name]["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
+    # degenerate batches: one token (other ranks hold only padding), nothing at all
+    for name, lengths in (("one_token", [1]), ("empty", [0, 0])):
+        cu = _cu(lengths)
+        inputs = _full_inputs(seed, lengths, 2, 1)
+        got = _ring(*inputs, cu, True, rank, world)
+        want = _reference(*inputs, cu, True) if sum(lengths) else got
+        results[name] = {k: _rel(a, b) if a.numel() else 0.0 for k, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+        results[name]["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
     # error growth in fp16 against float64 (forward and gradients)
     cu = _cu(PACKED)
     q, k, v, dout, dlse = _full_inputs(seed + 100, PACKED, 4, 2, torch.float64)
@@ -160,7 +168,7 @@ def test_ring_attention_matches_single_process(world, tmp_path):
     for rank, res in enumerate(results):
         assert res["roundtrip_exact"], f"rank {rank}: zigzag_unshard(zigzag_shard(x)) != x"
         assert res["cu_local_equal"] == results[0]["cu_local_equal"], "cu_seqlens_local differs across ranks"
-        for case in ("packed_causal_gqa", "packed_noncausal_gqa", "single_causal", "single_noncausal_mha"):
+        for case in ("packed_causal_gqa", "packed_noncausal_gqa", "single_causal", "single_noncausal_mha", "one_token", "empty"):
             errs = res[case]
             assert errs["finite"], f"rank {rank} {case}: NaN/inf in outputs or gradients"
             for what in ("out", "lse", "dq", "dk", "dv"):

@@ -330,3 +330,16 @@ def test_gpu_flash_attn_backend_agrees():
     r_out, r_lse = ref.varlen_attention_fwd_reference(q.double(), k.double(), v.double(), cu_q, cu_k, None, True)
     assert _max_err(out_t, r_out) <= 2 * _max_err(out_f, r_out) + 1e-5 * _max_abs(r_out)
     assert _max_err(lse_t, r_lse) <= 2 * _max_err(lse_f, r_lse) + 1e-5 * _max_abs(r_lse)
+
+
+@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (9, 4))])
+def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
+    """The interpreter runs 16x16 blocks; GPU configs have BLOCK_M != BLOCK_N, so check the
+    block-range arithmetic (causal skipping, full/masked split) with unequal blocks too."""
+    from longvita.kernels import varlen_attention_triton as vat
+
+    if not vat.triton_interpret():
+        pytest.skip("block override is for the interpreter")
+    monkeypatch.setattr(vat, "_fixed_config", lambda kind, block_d: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
+    _check_fp32([0, 1, 37, 70, 5], [0, 3, 37, 53, 21], 2, 1, 16, causal, window)

@@ -213,6 +213,11 @@ def _check_inputs(q, k, v, layout: ZigzagLayout, world: int) -> None:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for GQA")
     if layout.world_size != world:
         raise ValueError(f"the zigzag layout is for {layout.world_size} ranks but the process group has {world}")
+    if layout.cu_seqlens_local.device != q.device:
+        raise ValueError(
+            f"the zigzag layout lives on {layout.cu_seqlens_local.device} but q is on {q.device}: "
+            "build it with zigzag_layout(cu_seqlens, world_size, device=q.device)"
+        )
     for name, t in (("q", q), ("k", k)):
         if t.shape[0] != layout.total_local:
             raise ValueError(
