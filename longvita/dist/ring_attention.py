@@ -178,17 +178,23 @@ class _RingAttention(torch.autograd.Function):
         # in place, so it is our own copy and k, v themselves are what backward keeps.
         kv = torch.stack([k, v])
         out, lse = _ring_forward(q, kv, layout, params)
-        ctx.save_for_backward(q, k, v, out, lse)
+        # padding rows: out = 0 and lse = -inf, constants that pass no gradient. The
+        # backward keeps the finite lse (its blocks then never see exp(S + inf)) and
+        # zeroes dout/dlse there instead.
+        pad = ~layout.real_tokens[_group_rank_size(params.group)[0]]
+        out.masked_fill_(pad[:, None, None], 0)
+        ctx.save_for_backward(q, k, v, out, lse, pad)
         ctx.layout, ctx.params = layout, params
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out, lse.masked_fill(pad[None], float("-inf"))
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, pad = ctx.saved_tensors
         kv = torch.stack([k, v])
-        if dout is None:
-            dout = torch.zeros_like(out)
+        dout = torch.zeros_like(out) if dout is None else dout.masked_fill(pad[:, None, None], 0)
+        if dlse is not None:
+            dlse = dlse.masked_fill(pad[None], 0)
         dq, dkv = _ring_backward(dout.contiguous(), dlse, q, kv, out, lse, ctx.layout, ctx.params)
         return dq.to(q.dtype), dkv[0].to(kv.dtype), dkv[1].to(kv.dtype), None, None
 
@@ -259,8 +265,8 @@ def ring_attention(
         backend: the per-block attention backend (None/'auto', 'torch', 'triton', ...).
 
     Returns:
-        out (total_local, Hq, D) in q's dtype, or (out, lse). Padding rows hold
-        well-defined values that ``zigzag_unshard`` drops.
+        out (total_local, Hq, D) in q's dtype, or (out, lse). Padding rows give
+        out = 0 and lse = -inf and pass no gradient (``zigzag_unshard`` drops them).
     """
     rank, world = _group_rank_size(group)
     layout = _as_layout(cu_seqlens, world, q.device if isinstance(q, torch.Tensor) else None)

@@ -62,6 +62,8 @@ class ZigzagLayout:
         cu_q_after, cu_k_after: (2B+1,) int32. A K/V block from a later rank: "doc" 2i
             is the local first chunk with no keys, "doc" 2i+1 the local second chunk
             against all of the source's keys.
+        real_tokens: (P, total_local) bool, True where rank r's local token is a real
+            token (False for padding).
         cu_q_full: (2B+1,) int32, cu_k_valid: (P, 2B+1) int32. Non-causal: "doc" 2i
             is every local query against the real (unpadded) keys of source s, which
             are a prefix of the local document because padding sits at a document's
@@ -82,6 +84,7 @@ class ZigzagLayout:
     cu_k_after: torch.Tensor
     cu_q_full: torch.Tensor
     cu_k_valid: torch.Tensor
+    real_tokens: torch.Tensor
 
     @property
     def total(self) -> int:
@@ -138,7 +141,7 @@ def zigzag_layout(cu_seqlens: torch.Tensor, world_size: int, device: torch.devic
     def dev(t):
         return t.to(device)
 
-    return ZigzagLayout(
+    layout = ZigzagLayout(
         world_size=world_size,
         cu_seqlens=_cumsum0(lens),
         doc_lengths=lens,
@@ -153,7 +156,11 @@ def zigzag_layout(cu_seqlens: torch.Tensor, world_size: int, device: torch.devic
         cu_k_after=dev(_interleave(zeros, local)),
         cu_q_full=dev(_interleave(local, zeros)),
         cu_k_valid=dev(cu_k_valid),
+        real_tokens=torch.empty(0, dtype=torch.bool),
     )
+    real = torch.stack([layout.local_to_global(r)[1] for r in range(world_size)])
+    object.__setattr__(layout, "real_tokens", dev(real))  # needs the layout's own index math
+    return layout
 
 
 def _as_layout(cu_seqlens, world_size: int, device) -> ZigzagLayout:
