@@ -66,12 +66,12 @@ def _reference(q, k, v, dout, dlse, cu, causal):
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
 
-def _ring(q, k, v, dout, dlse, cu, causal, rank, world, layout=None):
+def _ring(q, k, v, dout, dlse, cu, causal, rank, world, layout=None, backend="torch"):
     """Ring attention on this rank's shard; returns the unsharded out, lse and gradients."""
     cu_or_layout = layout if layout is not None else cu
     shard = lambda x: zigzag_shard(x, cu_or_layout, rank, world)[0]  # noqa: E731
     ql, kl, vl = (shard(t).detach().requires_grad_(True) for t in (q, k, v))
-    out, lse = ring_attention(ql, kl, vl, cu_or_layout, causal=causal, return_lse=True, backend="torch")
+    out, lse = ring_attention(ql, kl, vl, cu_or_layout, causal=causal, return_lse=True, backend=backend)
     # padding rows give out 0 and lse -inf, and a cotangent there (noise) changes nothing
     real = zigzag_layout(cu, world).real_tokens[rank]
     assert bool((out[~real] == 0).all()) and bool((lse[:, ~real] == -math.inf).all()), "padding rows"
@@ -104,6 +104,16 @@ def _checks(rank, world, seed):
         want = _reference(*inputs, cu, causal)
         results[name] = {k: _rel(a, b) for k, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
         results[name]["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
+    # the Triton per-block kernel (Triton's CPU interpreter here; slow, so one case at P = 2)
+    from longvita.kernels._backend import triton_runs_on
+
+    if world == 2 and triton_runs_on(torch.device("cpu")):
+        cu = _cu(PACKED)
+        inputs = _full_inputs(seed + 50, PACKED, 4, 2)
+        got = _ring(*inputs, cu, True, rank, world, backend="triton")
+        want = _reference(*inputs, cu, True)
+        results["triton_packed_causal_gqa"] = {k: _rel(a, b) for k, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+        results["triton_packed_causal_gqa"]["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
     # degenerate batches: one token (other ranks hold only padding), nothing at all
     for name, lengths in (("one_token", [1]), ("empty", [0, 0])):
         cu = _cu(lengths)
@@ -172,7 +182,10 @@ def test_ring_attention_matches_single_process(world, tmp_path):
     for rank, res in enumerate(results):
         assert res["roundtrip_exact"], f"rank {rank}: zigzag_unshard(zigzag_shard(x)) != x"
         assert res["cu_local_equal"] == results[0]["cu_local_equal"], "cu_seqlens_local differs across ranks"
-        for case in ("packed_causal_gqa", "packed_noncausal_gqa", "single_causal", "single_noncausal_mha", "one_token", "empty"):
+        cases = ["packed_causal_gqa", "packed_noncausal_gqa", "single_causal", "single_noncausal_mha", "one_token", "empty"]
+        if world == 2 and os.environ.get("TRITON_INTERPRET") == "1":
+            cases.append("triton_packed_causal_gqa")
+        for case in cases:
             errs = res[case]
             assert errs["finite"], f"rank {rank} {case}: NaN/inf in outputs or gradients"
             for what in ("out", "lse", "dq", "dk", "dv"):
@@ -194,12 +207,13 @@ def test_ring_attention_matches_single_process(world, tmp_path):
 
 def test_single_rank_without_process_group():
     cu = _cu(PACKED)
-    q, k, v, dout, dlse = _full_inputs(1, PACKED, 4, 2)
-    for causal in (True, False):
-        got = _ring(q, k, v, dout, dlse, cu, causal, 0, 1)
-        want = _reference(q, k, v, dout, dlse, cu, causal)
-        for a, b in zip(got, want):
-            assert _rel(a, b) < 1e-5
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):  # float64 accumulates in float64
+        q, k, v, dout, dlse = _full_inputs(1, PACKED, 4, 2, dtype)
+        for causal in (True, False):
+            got = _ring(q, k, v, dout, dlse, cu, causal, 0, 1)
+            want = _reference(q, k, v, dout, dlse, cu, causal)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and _rel(a, b) < tol
 
 
 def test_zigzag_layout_rule():

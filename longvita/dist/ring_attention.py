@@ -110,8 +110,9 @@ def _step_block(layout: ZigzagLayout, rank: int, src: int, causal: bool):
 def _ring_forward(q, kv, layout: ZigzagLayout, p: RingParams):
     rank, world = _group_rank_size(p.group)
     comm = RingComm(p.group) if world > 1 else None
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # fp32 accumulator
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 accumulators
+    out = torch.empty(q.shape, dtype=acc, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=acc, device=q.device)
     bufs = (kv, torch.empty_like(kv) if world > 1 else kv)
     for step in range(world):
         cur = bufs[step % 2]
@@ -136,9 +137,10 @@ def _ring_backward(dout, dlse, q, kv, out, lse, layout: ZigzagLayout, p: RingPar
     rank, world = _group_rank_size(p.group)
     kv_comm = RingComm(p.group, tag=0) if world > 1 else None
     dkv_comm = RingComm(p.group, tag=1) if world > 1 else None
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv_bufs = (kv, torch.empty_like(kv) if world > 1 else kv)
-    dkv_bufs = [torch.empty(kv.shape, dtype=torch.float32, device=kv.device)]
+    dkv_bufs = [torch.empty(kv.shape, dtype=acc, device=kv.device)]
     if world > 1:
         dkv_bufs.append(torch.empty_like(dkv_bufs[0]))
     for step in range(world):

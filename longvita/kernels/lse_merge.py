@@ -14,7 +14,7 @@ each operand once and writes the accumulator once; the torch path is the fallbac
 the reference) for CPU tensors.
 
 Shapes: out_acc (T, H, D) fp32, lse_acc (H, T) fp32, out_b (T, H, D) any float dtype,
-lse_b (H, T) fp32.
+lse_b (H, T) fp32 (float64 accumulators and lse for float64 inputs: torch path).
 """
 
 from __future__ import annotations
@@ -60,9 +60,11 @@ if triton_available():
 
 
 def _check(out_acc, lse_acc, out_b, lse_b):
-    if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32 or lse_b.dtype != torch.float32:
+    acc = out_acc.dtype
+    if acc not in (torch.float32, torch.float64) or lse_acc.dtype != acc or lse_b.dtype not in (torch.float32, acc):
         raise ValueError(
-            f"out_acc, lse_acc and lse_b must be float32, got {out_acc.dtype}, {lse_acc.dtype}, {lse_b.dtype}"
+            "out_acc, lse_acc and lse_b must be float32 (float64 accumulators for float64 inputs), "
+            f"got {out_acc.dtype}, {lse_acc.dtype}, {lse_b.dtype}"
         )
     if out_acc.dim() != 3 or out_b.shape != out_acc.shape:
         raise ValueError(f"out_acc and out_b must share one (T, H, D) shape, got {tuple(out_acc.shape)} and {tuple(out_b.shape)}")
@@ -80,7 +82,7 @@ def lse_merge_reference_(out_acc, lse_acc, out_b, lse_b):
     empty = hi == -math.inf
     # shift by 0 instead of -inf in empty rows, so no -inf - -inf is ever formed
     w_b = torch.sigmoid(lse_b - torch.where(empty, 0.0, lse_acc)).t().unsqueeze(-1)  # (T, H, 1)
-    out_acc.add_(w_b * (out_b.to(torch.float32) - out_acc))
+    out_acc.add_(w_b * (out_b.to(out_acc.dtype) - out_acc))
     lse_acc.copy_(hi + torch.log1p(torch.exp(lo - torch.where(empty, 0.0, hi))))
     return out_acc, lse_acc
 
@@ -98,7 +100,7 @@ def lse_merge_(out_acc, lse_acc, out_b, lse_b, backend: str | None = None):
     _check(out_acc, lse_acc, out_b, lse_b)
     if backend not in (None, "auto", "torch", "triton"):
         backend = None  # backends without a merge of their own ('flash_attn', 'cuda') use the default
-    if resolve_backend(out_acc.device, backend) != "triton" or out_acc.numel() == 0:
+    if resolve_backend(out_acc.device, backend) != "triton" or out_acc.numel() == 0 or out_acc.dtype != torch.float32:
         return lse_merge_reference_(out_acc, lse_acc, out_b, lse_b)
     t, h, d = out_acc.shape
     block_d = triton.next_power_of_2(d)
