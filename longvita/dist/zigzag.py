@@ -93,17 +93,21 @@ class ZigzagLayout:
 
     def local_to_global(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(total_local,) int64 global index of every local token of ``rank`` and a bool
-        mask of the real ones (False for padding, whose index is clamped to 0)."""
+        mask of the real ones (False for padding, whose index is clamped to 0). CPU."""
         _check_world(rank, self.world_size)
-        p2 = 2 * self.world_size
-        chunk, starts = self.chunk, self.cu_seqlens[:-1]
-        doc = torch.repeat_interleave(torch.arange(chunk.numel()), 2 * chunk)  # (total_local,)
-        local_start = self.cu_seqlens_local[:-1].to("cpu", torch.int64)
-        j = torch.arange(doc.numel()) - local_start[doc]  # offset inside the local document
-        c = chunk[doc]
-        pos = torch.where(j < c, rank * c + j, (p2 - 1 - rank) * c + (j - c))  # offset inside the document
-        valid = pos < self.doc_lengths[doc]
-        return torch.where(valid, starts[doc] + pos, 0), valid
+        return _local_to_global(self.doc_lengths, self.chunk, rank, self.world_size)
+
+
+def _local_to_global(lens: torch.Tensor, chunk: torch.Tensor, rank: int, world_size: int):
+    p2 = 2 * world_size
+    starts = _cumsum0(lens)[:-1]
+    local_start = _cumsum0(2 * chunk)[:-1]
+    doc = torch.repeat_interleave(torch.arange(chunk.numel()), 2 * chunk)  # (total_local,) document id
+    j = torch.arange(doc.numel()) - local_start[doc]  # offset inside the local document
+    c = chunk[doc]
+    pos = torch.where(j < c, rank * c + j, (p2 - 1 - rank) * c + (j - c))  # offset inside the document
+    valid = pos < lens[doc]
+    return torch.where(valid, starts[doc] + pos, 0), valid
 
 
 def _cumsum0(x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +145,7 @@ def zigzag_layout(cu_seqlens: torch.Tensor, world_size: int, device: torch.devic
     def dev(t):
         return t.to(device)
 
-    layout = ZigzagLayout(
+    return ZigzagLayout(
         world_size=world_size,
         cu_seqlens=_cumsum0(lens),
         doc_lengths=lens,
@@ -156,11 +160,8 @@ def zigzag_layout(cu_seqlens: torch.Tensor, world_size: int, device: torch.devic
         cu_k_after=dev(_interleave(zeros, local)),
         cu_q_full=dev(_interleave(local, zeros)),
         cu_k_valid=dev(cu_k_valid),
-        real_tokens=torch.empty(0, dtype=torch.bool),
+        real_tokens=dev(torch.stack([_local_to_global(lens, chunk, r, world_size)[1] for r in range(world_size)])),
     )
-    real = torch.stack([layout.local_to_global(r)[1] for r in range(world_size)])
-    object.__setattr__(layout, "real_tokens", dev(real))  # needs the layout's own index math
-    return layout
 
 
 def _as_layout(cu_seqlens, world_size: int, device) -> ZigzagLayout:
