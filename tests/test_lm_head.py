@@ -113,12 +113,16 @@ def test_lce_all_ignored_gives_zero_not_nan(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lce_fp16_within_twice_plain_torch_error(backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_lce_fp16_within_twice_plain_torch_error(backend, reduction):
     n, h, v = SHAPES[backend]
     hidden, weight, labels = _inputs(n, h, v, torch.float16, ignore_frac=0.3)
-    ours = _run(lambda a, b, y: linear_cross_entropy(a, b, y, backend=backend), hidden, weight, labels)
-    plain = _plain_fp(hidden, weight, labels)
-    ref64 = _reference64(hidden, weight, labels)
+    up = torch.rand(n, device=DEVICE) / n if reduction == "none" else None
+    ours = _run(lambda a, b, y: linear_cross_entropy(a, b, y, reduction=reduction, backend=backend), hidden, weight, labels, up)
+    plain = _run(
+        lambda a, b, y: F.cross_entropy((a @ b.t()).float(), y, reduction=reduction), hidden, weight, labels, up
+    )
+    ref64 = _reference64(hidden, weight, labels, reduction=reduction, upstream=None if up is None else up.double())
     for name, o, p, r in zip(("loss", "d(hidden)", "d(weight)"), ours, plain, ref64):
         eps = 1e-3 * r.abs().max().item()  # fp16 rounding of the reference's own scale
         assert torch.isfinite(o).all()
@@ -199,16 +203,36 @@ def test_lce_odd_shape_and_tiny_chunks_torch(monkeypatch):
     assert out[0].item() == 0.0 and not out[1].any()
 
 
-def test_lce_triton_backward_row_chunks(monkeypatch):
-    """The Triton backward's d(hidden) row chunking (forced tiny) gives the same gradients."""
+def test_lce_triton_row_chunks(monkeypatch):
+    """Row chunking of both Triton paths (forced tiny) gives the same gradients: the
+    recompute backward's d(hidden) chunks ('none') and the fused path's logits chunks ('sum')."""
     if not _TRITON_HERE:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
     import longvita.kernels.lm_head as lh
 
     hidden, weight, labels = _inputs(50, 40, 203, torch.float32, ignore_frac=0.3)
     monkeypatch.setattr(lh, "_BWD_CHUNK_BYTES", 1)  # one BLOCK_M of rows per launch
-    out = _run(lambda a, b, y: linear_cross_entropy(a, b, y, backend="triton"), hidden, weight, labels)
-    _assert_close_rel(out, _reference64(hidden, weight, labels), 1e-5, "triton row chunks")
+    monkeypatch.setattr(lh, "_FUSED_CHUNK_BYTES", 7 * 203 * 4)  # 7 rows per chunk
+    up = torch.rand(50, dtype=torch.float64, device=DEVICE)
+    for reduction, upstream in (("none", up), ("sum", None)):
+        out = _run(lambda a, b, y: linear_cross_entropy(a, b, y, reduction=reduction, backend="triton"),
+                   hidden, weight, labels, upstream)
+        ref64 = _reference64(hidden, weight, labels, reduction=reduction, upstream=upstream)
+        _assert_close_rel(out, ref64, 1e-5, f"triton row chunks ({reduction})")
+
+
+def test_lce_weight_only_and_hidden_only_grads():
+    """Either input alone may need a gradient (frozen head, or frozen trunk)."""
+    for backend in ("torch", "triton") if _TRITON_HERE else ("torch",):
+        hidden, weight, labels = _inputs(33, 48, 211, torch.float32, ignore_frac=0.2)
+        ref64 = _reference64(hidden, weight, labels)
+        for which in (0, 1):
+            h = hidden.clone().requires_grad_(which == 0)
+            w = weight.clone().requires_grad_(which == 1)
+            linear_cross_entropy(h, w, labels, backend=backend).backward()
+            g = (h if which == 0 else w).grad.double()
+            assert _err(g, ref64[1 + which]) <= 1e-5 * ref64[1 + which].abs().max().item(), (backend, which)
+            assert (w if which == 0 else h).grad is None
 
 
 def _group_worker(rank, world, path, n, h, v, seed, out_dir):

@@ -22,6 +22,14 @@ Triton scheme (cut-cross-entropy-like):
   per launch (rows are processed in chunks), so temporaries are bounded.
   The atomics make the backward not bit-wise deterministic on GPU.
 
+Triton fused scheme (reduction 'mean'/'sum' without ``return_lse``, gradients wanted --
+the training case): the gradients are computed together with the loss, Liger-style. Per
+chunk of rows (at most ``_FUSED_CHUNK_BYTES`` of logits in the input dtype): a cuBLAS
+GEMM gives the logits, a Triton kernel turns them in place into softmax - onehot and
+the per-row loss, then two GEMMs give d(hidden) and d(weight) (fp32 accumulator). Three
+GEMMs in all; the backward only scales the stored gradients by the incoming scalar.
+The two kernels above serve the other cases ('none', ``return_lse``, no gradients).
+
 Torch scheme (CPU, float64, or ``backend='torch'``): the same maths over chunks of
 rows, each chunk materialising at most ``_TORCH_CHUNK_BYTES`` of logits.
 """
@@ -42,6 +50,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 _TORCH_CHUNK_BYTES = 128 * 2**20
 # fp32 d(hidden) buffer one Triton backward launch may hold.
 _BWD_CHUNK_BYTES = 1 * 2**30
+# Logits (input dtype) one chunk of the Triton fused scalar-loss path may hold.
+_FUSED_CHUNK_BYTES = 2 * 2**30
 
 
 # --------------------------------------------------------------------------------------
@@ -119,6 +129,7 @@ class LCEParams:
     backend: str = "torch"  # 'triton' or 'torch'
     torch_chunk_bytes: int = _TORCH_CHUNK_BYTES
     bwd_chunk_bytes: int = _BWD_CHUNK_BYTES
+    fused_chunk_bytes: int = _FUSED_CHUNK_BYTES
 
 
 def linear_cross_entropy(
@@ -188,6 +199,7 @@ def linear_cross_entropy(
     params = LCEParams(
         ignore_index=int(ignore_index), backend=be,
         torch_chunk_bytes=_TORCH_CHUNK_BYTES, bwd_chunk_bytes=_BWD_CHUNK_BYTES,
+        fused_chunk_bytes=_FUSED_CHUNK_BYTES,
     )
 
     labels = labels.long()
@@ -205,7 +217,14 @@ def linear_cross_entropy(
         h, y = hidden, labels
     else:
         h, y = hidden.index_select(0, rows), labels.index_select(0, rows)
-    loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(h, weight, y, params)  # (M,), (M,)
+    fused = (
+        be == "triton" and reduction != "none" and not return_lse
+        and torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    )
+    if fused:  # gradients computed with the loss: three GEMMs in all, no recompute
+        loss_rows = _LinearCrossEntropySumFunction.apply(h, weight, y, params).reshape(1)
+    else:
+        loss_rows, lse_rows = _LinearCrossEntropyFunction.apply(h, weight, y, params)  # (M,), (M,)
 
     def per_row(x):
         if rows is not None:
@@ -249,6 +268,32 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         hidden, weight, labels, lse_raw = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh, dw = _lce_backward(hidden, weight, labels, lse_raw, grad_loss, grad_lse, ctx.params, need_h, need_w)
+        return dh, dw, None, None
+
+
+class _LinearCrossEntropySumFunction(torch.autograd.Function):
+    """Sum over rows of the loss, with d(hidden) and d(weight) of that sum computed in
+    the forward (Liger-style: per row chunk, logits GEMM -> in-place softmax - onehot
+    -> two GEMMs). The backward only scales them by the incoming scalar gradient.
+    Triton backend, scalar reductions, gradients wanted."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, params: LCEParams):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, dh, dw = _triton_fused_sum(hidden, weight, labels, params, need_h, need_w)
+        ctx.grads = (dh, dw)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy's fused path frees its gradients in backward: retain_graph is unsupported")
+        dh, dw = ctx.grads
+        ctx.grads = None
+        if dh is not None:
+            dh = dh.mul_(grad_loss.to(dh.dtype))
+        if dw is not None:
+            dw = dw.mul_(grad_loss.to(dw.dtype))
         return dh, dw, None, None
 
 
@@ -440,6 +485,80 @@ if triton_available():
                 dw = tl.dot(tl.trans(d), h, input_precision=PRECISION)  # (BN, BK)
                 tl.atomic_add(DW + cols64[:, None] * stride_dwv + ks64[None, :] * stride_dwk, dw,
                               mask=col_ok[:, None] & k_ok[None, :])
+
+
+    @triton.jit
+    def _ce_grad_inplace_kernel(
+        Logits, Y, Loss, V, stride_row, ignore_index,
+        BLOCK_V: tl.constexpr,
+    ):
+        """One row of logits: loss = lse - logit[y]; logits <- softmax - onehot (0 if ignored)."""
+        row = tl.program_id(0).to(tl.int64)
+        ptr = Logits + row * stride_row
+        y = tl.load(Y + row)
+        valid = y != ignore_index
+        offs = tl.arange(0, BLOCK_V)
+        m_vec = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_vec = tl.maximum(m_vec, x)
+        m = tl.max(m_vec, axis=0)
+        s_vec = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            s_vec += tl.exp(x - m)
+        lse = m + tl.log(tl.sum(s_vec, axis=0))
+        target = tl.load(ptr + tl.where(valid, y, 0)).to(tl.float32)
+        tl.store(Loss + row, tl.where(valid, lse - target, 0.0))
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs
+            col_ok = cols < V
+            x = tl.load(ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            d = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+            d = tl.where(valid, d, 0.0)
+            tl.store(ptr + cols, d.to(Logits.dtype.element_ty), mask=col_ok)
+
+
+def _triton_fused_sum(hidden, weight, labels, params: LCEParams, need_h, need_w):
+    """Sum of per-row losses and its gradients, chunk by chunk of rows: cuBLAS logits in
+    the input dtype (at most ``fused_chunk_bytes`` of them), the Triton kernel turns
+    them in place into softmax - onehot, then d(hidden) = d @ W and d(weight) += d.T @ h
+    (fp32 accumulator)."""
+    _check_triton_inputs(hidden, weight, labels)
+    m, k = hidden.shape
+    vocab = weight.shape[0]
+    fp32 = hidden.dtype == torch.float32
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+    dw32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    if m == 0:
+        return loss, dh, (dw32 if fp32 or dw32 is None else dw32.to(weight.dtype))
+    step = max(1, params.fused_chunk_bytes // (vocab * hidden.element_size()))
+    block_v = 256 if triton_interpret() else 4096
+    for s in range(0, m, step):
+        e = min(s + step, m)
+        h = hidden[s:e]
+        logits = h @ weight.t()  # (chunk, V), input dtype, fp32 accumulate
+        loss_rows = torch.empty(e - s, dtype=torch.float32, device=hidden.device)
+        _ce_grad_inplace_kernel[(e - s,)](
+            logits, labels[s:e], loss_rows, vocab, logits.stride(0), params.ignore_index,
+            BLOCK_V=block_v, num_warps=1 if triton_interpret() else 8,
+        )
+        loss += loss_rows.sum()
+        if need_h:
+            torch.mm(logits, weight, out=dh[s:e])
+        if need_w:
+            if fp32:
+                dw32.addmm_(logits.t(), h)
+            else:
+                dw32.add_(logits.t() @ h)
+        del logits
+    dw = None
+    if need_w:
+        dw = dw32 if fp32 else dw32.to(weight.dtype)
+    return loss, dh, dw
 
 
 def _triton_config(dtype: torch.dtype) -> dict:
