@@ -69,11 +69,6 @@ def _reference64(hidden, weight, labels, reduction="mean", shift=False, upstream
     )
 
 
-def _plain_fp(hidden, weight, labels):
-    """What a plain LM head computes in the inputs' dtype: matmul, float, cross_entropy."""
-    return _run(lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100), hidden, weight, labels)
-
-
 def _err(a, b):
     return (a - b).abs().max().item() if a.numel() else 0.0
 

@@ -7,11 +7,12 @@
   ever holding more than a bounded block of logits. Rows whose label is ignored are
   dropped before any projection.
 
-Layers (STYLE.md): public functions -> ``_LinearCrossEntropyFunction`` (saves tensors,
-calls the launchers) -> launchers (check shapes, launch Triton, or run the chunked
+Layers (STYLE.md): public functions -> ``_LinearCrossEntropyFunction`` (per-row loss
+and lse, gradients recomputed in backward) or ``_LinearCrossEntropySumFunction`` (summed
+loss, gradients computed in forward) -> launchers (check shapes, launch Triton, or run the chunked
 torch path). Non-tensor options travel in one ``LCEParams`` dataclass.
 
-Triton scheme (cut-cross-entropy-like):
+Triton recompute scheme (cut-cross-entropy-like):
 - forward: one program per block of rows walks the vocabulary in blocks, computing the
   logits tile with ``tl.dot`` (fp32 accumulate) and keeping an online log-sum-exp and
   the target logit. Outputs are two fp32 vectors; no logits are stored.
@@ -28,6 +29,8 @@ chunk of rows (at most ``_FUSED_CHUNK_BYTES`` of logits in the input dtype): a c
 GEMM gives the logits, a Triton kernel turns them in place into softmax - onehot and
 the per-row loss, then two GEMMs give d(hidden) and d(weight) (fp32 accumulator). Three
 GEMMs in all; the backward only scales the stored gradients by the incoming scalar.
+For fp16/bf16 the logits and each chunk's d(weight) are rounded to the input dtype
+before the fp32 softmax / accumulation, as a plain head rounds its logits.
 The two kernels above serve the other cases ('none', ``return_lse``, no gradients).
 
 Torch scheme (CPU, float64, or ``backend='torch'``): the same maths over chunks of
