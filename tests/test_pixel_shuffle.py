@@ -64,10 +64,10 @@ def _check(name, got, ref64, base):
     assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (torch in {got.dtype}: {base_err:.3g})"
 
 
-def _compare(backend, dtype, tiles, h, c, m, d, bias, device="cpu"):
+def _compare(backend, dtype, tiles, h, c, m, d, bias, device="cpu", gemm="cublas"):
     inputs = _inputs(tiles, h, c, m, d, bias, dtype, device)
     dout = torch.randn(tiles, h * h // 4, d, dtype=torch.float64, device=device)
-    out, grads = _run(lambda *a: pixel_shuffle_project(*a, backend=backend), inputs, dout.to(dtype))
+    out, grads = _run(lambda *a: pixel_shuffle_project(*a, backend=backend, gemm=gemm), inputs, dout.to(dtype))
     ref_out, ref_grads = _run(pixel_shuffle_project_reference, [t.double() if t is not None else None for t in inputs], dout)
     base_out, base_grads = _run(pixel_shuffle_project_reference, inputs, dout.to(dtype))
     assert out.dtype == dtype
@@ -215,5 +215,17 @@ def _gpu_backends():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(3, 8, 12, 20, 24), (2, 32, 64, 96, 80), (4, 32, 1024, 256, 128)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_gpu_matches_reference(backend, dtype, shape, bias):
-    _compare(backend, dtype, *shape, bias, device="cuda")
+@pytest.mark.parametrize("gemm", ["cublas", "triton"])
+def test_gpu_matches_reference(backend, dtype, shape, bias, gemm):
+    _compare(backend, dtype, *shape, bias, device="cuda", gemm=gemm)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_triton_gemm_gelu_epilogue(bias, dtype):
+    """gemm='triton': the first Linear + GELU as one Triton GEMM (interpreter here)."""
+    _compare("triton", dtype, 3, 8, 12, 20, 24, bias, gemm="triton")
+    inputs = _inputs(1, 4, 3, 5, 6, bias, dtype)
+    with pytest.raises(ValueError, match="gemm"):
+        pixel_shuffle_project(*inputs, gemm="nope")

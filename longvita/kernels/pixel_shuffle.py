@@ -147,6 +147,41 @@ if triton_available():
         if HAS_BIAS:
             tl.store(DBp + pid.to(tl.int64) * n + col, db_acc, mask=mask)
 
+    @triton.jit
+    def _linear_gelu_kernel(
+        A,  # (rows, K)
+        W,  # (N, K), nn.Linear layout
+        Bias,  # (N,) or dummy
+        Pre,  # (rows, N) pre-activation (saved for the backward) or dummy
+        Out,  # (rows, N) gelu(A @ W^T + Bias)
+        n_rows,
+        N,
+        K,
+        HAS_BIAS: tl.constexpr,
+        SAVE_PRE: tl.constexpr,
+        PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            a = tl.load(A + rm[:, None] * K + kk[None, :], mask=(rm < n_rows)[:, None] & (kk < K)[None, :], other=0.0)
+            w = tl.load(W + rn[None, :] * K + kk[:, None], mask=(rn < N)[None, :] & (kk < K)[:, None], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(Bias + rn, mask=rn < N, other=0.0).to(tl.float32)
+        mask = (rm < n_rows)[:, None] & (rn < N)[None, :]
+        offs = rm[:, None] * N + rn[None, :]
+        if SAVE_PRE:
+            tl.store(Pre + offs, acc.to(Pre.dtype.element_ty), mask=mask)
+        out = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))  # exact (erf) GELU epilogue
+        tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=mask)
+
 
 @dataclass(frozen=True)
 class PixelShuffleParams:
@@ -354,6 +389,53 @@ class _PixelShuffleLayerNorm(torch.autograd.Function):
         return dx, dw, db, None
 
 
+def linear_gelu_fwd(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, save_pre: bool):
+    """``gelu(a @ w.T + b)`` by the Triton GEMM with the GELU in its epilogue.
+
+    a (..., K), w (N, K), b (N,) or None -> (out, pre or None), both (..., N) in a's dtype.
+    """
+    a2 = a.reshape(-1, a.shape[-1]).contiguous()
+    w = w.contiguous()
+    n_rows, k = a2.shape
+    n = w.shape[0]
+    out = torch.empty(n_rows, n, dtype=a.dtype, device=a.device)
+    pre = torch.empty_like(out) if save_pre else None
+    if n_rows and n:
+        block_m, block_n, block_k = 64, 64, 32
+        grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n, block_n))
+        _linear_gelu_kernel[grid](
+            a2, w, b if b is not None else w, pre if save_pre else out, out, n_rows, n, k,
+            HAS_BIAS=b is not None, SAVE_PRE=save_pre,
+            PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=3,
+        )
+    shape = (*a.shape[:-1], n)
+    return out.view(shape), (pre.view(shape) if save_pre else None)
+
+
+class _LinearGelu(torch.autograd.Function):
+    """Forward: the Triton GEMM + GELU epilogue. Backward: torch (cuBLAS) from the saved pre-activation."""
+
+    @staticmethod
+    def forward(ctx, a, w, b):
+        out, pre = linear_gelu_fwd(a, w, b, save_pre=any(ctx.needs_input_grad))
+        ctx.save_for_backward(a, w, pre)
+        ctx.has_bias = b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        a, w, pre = ctx.saved_tensors
+        h = pre.float()
+        dgelu = 0.5 * (1.0 + torch.erf(h * 0.7071067811865476)) + h * torch.exp(-0.5 * h * h) * 0.3989422804014327
+        dh = (dout.float() * dgelu).to(a.dtype)  # (..., N)
+        dh2 = dh.reshape(-1, dh.shape[-1])
+        da = dh @ w
+        dw = dh2.t() @ a.reshape(-1, a.shape[-1])
+        db = dh2.float().sum(0).to(w.dtype) if ctx.has_bias else None
+        return da, dw, db
+
+
 # --------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------
@@ -397,17 +479,28 @@ def pixel_shuffle_project(
     scale_factor: float = 0.5,
     eps: float = 1e-5,
     backend: str | None = None,
+    gemm: str = "cublas",
 ) -> torch.Tensor:
     """InternVL / Long-VITA projector: pixel shuffle -> LayerNorm -> Linear -> GELU -> Linear.
 
     x: (tiles, h*h, C); ln_weight, ln_bias: (4C,); w1: (M, 4C), b1: (M,); w2: (D, M),
     b2: (D,) (nn.Linear layout). Biases may be None. Returns (tiles, h*h/4, D) in x's
     dtype (shown for scale_factor=0.5). GELU is the exact (erf) one. Differentiable in
-    every tensor argument. ``backend`` picks the fused shuffle+LayerNorm's backend; the
-    GEMMs are ``F.linear`` (cuBLAS on GPU).
+    every tensor argument. ``backend`` picks the fused shuffle+LayerNorm's backend.
+    ``gemm='cublas'`` (default) runs the GEMMs as ``F.linear`` + ``F.gelu``;
+    ``gemm='triton'`` runs the first one as a Triton GEMM with the GELU in its epilogue
+    (its backward is torch's, from the saved pre-activation).
     """
     inv = _inv_of(scale_factor)
     _check_shuffle_ln(x, ln_weight, ln_bias, inv)
     _check_mlp(x, w1, b1, w2, b2, ln_weight.shape[0])
+    if gemm not in ("cublas", "triton"):
+        raise ValueError(f"gemm must be 'cublas' or 'triton', got {gemm!r}")
+    if gemm == "triton" and not triton_runs_on(x.device):
+        raise RuntimeError("gemm='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1")
     y = pixel_shuffle_layernorm(x, ln_weight, ln_bias, eps=eps, scale_factor=scale_factor, backend=backend)
-    return F.linear(F.gelu(F.linear(y, w1, b1)), w2, b2)
+    if gemm == "triton":
+        hidden = _LinearGelu.apply(y, w1, b1.contiguous() if b1 is not None else None)
+    else:
+        hidden = F.gelu(F.linear(y, w1, b1))
+    return F.linear(hidden, w2, b2)
