@@ -17,7 +17,7 @@ from longvita.kernels import reference as ref
 from longvita.kernels._backend import triton_runs_on
 from longvita.kernels.lm_head import gather_logits, last_token_index, linear_cross_entropy
 
-from conftest import requires_cuda
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 _TRITON_HERE = triton_runs_on(torch.device("cpu")) or torch.cuda.is_available()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
