@@ -86,14 +86,16 @@ def _synthetic_image(seed: int, size: int = 96):
     return Image.fromarray(img.astype("uint8"), "RGB")
 
 
-def _load_model(args, torch):
+def _load_model(args, torch, vocab_size: int):
     from longvita.model import LongVITA, preset
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     device = torch.device(args.device)
     if args.model is None:
         torch.manual_seed(args.seed)
-        model = LongVITA(preset("tiny")).to(device=device, dtype=dtype).eval()
+        config = preset("tiny")
+        config.text.vocab_size = vocab_size  # every generated id decodes with the built-in tokenizer
+        model = LongVITA(config).to(device=device, dtype=dtype).eval()
         with torch.no_grad():  # visible structure in random weights: scale like a trained net
             for p in model.parameters():
                 if p.dim() > 1:
@@ -121,9 +123,11 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
     rank, world = _maybe_init_distributed(torch)
 
-    model, folder = _load_model(args, torch)
+    if args.model is not None and not os.path.isdir(args.model):
+        raise CLIError(f"{args.model}: checkpoint folder not found")
+    tokenizer = load_tokenizer(args.model) if args.model else build_default_tokenizer()
+    model, folder = _load_model(args, torch, tokenizer.get_vocab_size())
     cfg = model.config
-    tokenizer = load_tokenizer(folder) if folder else build_default_tokenizer()
     special = SpecialTokens.from_tokenizer(tokenizer)
     cfg.image_token_ids = special.context_token_ids
     size = cfg.vision.image_size
