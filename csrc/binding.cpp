@@ -11,8 +11,8 @@
 #include "pixel_shuffle_ln.h"
 
 #ifdef LONGVITA_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace longvita {
@@ -109,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_ln_fwd(const at::Te
   const cudaError_t err = pixel_shuffle_ln_fwd_cuda(
       ps_cuda_dtype(x), x.data_ptr(), weight.data_ptr(), bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(),
       mean.data_ptr<float>(), rstd.data_ptr<float>(), tiles, h, C, inv, static_cast<float>(eps),
-      at::cuda::getCurrentCUDAStream().stream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "pixel_shuffle_ln_fwd_cuda failed: ", cudaGetErrorString(err));
   return {y, mean, rstd};
 #else
@@ -161,14 +161,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_ln_bwd(const at::Te
     at::Tensor zero = at::zeros_like(weight);
     return {dx, zero, has_bias ? at::zeros_like(weight) : at::empty({0}, weight.options())};
   }
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess,
+              "pixel_shuffle_ln_bwd: cannot read the multiprocessor count");
   const int num_blocks = static_cast<int>(std::min<int64_t>(rows, 4 * static_cast<int64_t>(sms)));
   at::Tensor dw_part = at::empty({num_blocks, n}, x.options().dtype(at::kFloat));
   at::Tensor db_part = has_bias ? at::empty({num_blocks, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   const cudaError_t err = pixel_shuffle_ln_bwd_cuda(
       ps_cuda_dtype(x), dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
       dx.data_ptr(), dw_part.data_ptr<float>(), has_bias ? db_part.data_ptr<float>() : nullptr, num_blocks, tiles, h,
-      C, inv, at::cuda::getCurrentCUDAStream().stream());
+      C, inv, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "pixel_shuffle_ln_bwd_cuda failed: ", cudaGetErrorString(err));
   at::Tensor dw = dw_part.sum(0).to(weight.scalar_type());
   at::Tensor db = has_bias ? db_part.sum(0).to(weight.scalar_type()) : at::empty({0}, weight.options());
