@@ -86,7 +86,7 @@ def _synthetic_image(seed: int, size: int = 96):
     return Image.fromarray(img.astype("uint8"), "RGB")
 
 
-def _load_model(args, torch, vocab_size: int):
+def _load_model(args, torch, vocab_size: int | None):
     from longvita.model import LongVITA, preset
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -123,10 +123,12 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
     rank, world = _maybe_init_distributed(torch)
 
-    if args.model is not None and not os.path.isdir(args.model):
-        raise CLIError(f"{args.model}: checkpoint folder not found")
-    tokenizer = load_tokenizer(args.model) if args.model else build_default_tokenizer()
-    model, folder = _load_model(args, torch, tokenizer.get_vocab_size())
+    if args.model is None:
+        tokenizer = build_default_tokenizer()
+        model, folder = _load_model(args, torch, tokenizer.get_vocab_size())
+    else:  # weights first: a broken checkpoint is reported before a missing tokenizer
+        model, folder = _load_model(args, torch, None)
+        tokenizer = load_tokenizer(args.model)
     cfg = model.config
     special = SpecialTokens.from_tokenizer(tokenizer)
     cfg.image_token_ids = special.context_token_ids
