@@ -279,3 +279,19 @@ def test_triton_writes_every_element(monkeypatch):
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_traces_through():
+    """The launchers are custom ops with fake kernels: torch.compile (aot_eager: no codegen,
+    so the test stays fast) traces the whole projector, forward and backward."""
+    torch._dynamo.reset()
+    inputs = _inputs(2, 4, 5, 6, 7, True, torch.float32)
+    dout = torch.randn(2, 4, 7)
+    fn = torch.compile(lambda *a: pixel_shuffle_project(*a, backend="triton"), backend="aot_eager", fullgraph=True)
+    out, grads = _run(fn, inputs, dout)
+    ref_out, ref_grads = _run(lambda *a: pixel_shuffle_project(*a, backend="triton"), inputs, dout)
+    torch.testing.assert_close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

@@ -373,10 +373,51 @@ def pixel_shuffle_ln_bwd(dy, x, weight, mean, rstd, has_bias: bool, p: PixelShuf
     return dx, dw, db
 
 
+# The launchers as torch custom ops (with fake implementations), so torch.compile traces
+# through the fused piece instead of breaking the graph at it.
+
+
+@torch.library.custom_op("longvita::pixel_shuffle_ln_fwd", mutates_args=())
+def _ps_ln_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inv: int, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pixel_shuffle_ln_fwd(x, weight, bias, PixelShuffleParams(inv, eps, backend))
+
+
+@_ps_ln_fwd_op.register_fake
+def _(x, weight, bias, inv, eps, backend):
+    tiles, n_tok, c = x.shape
+    n_out = n_tok // (inv * inv)
+    stat = x.dtype if backend == "cpp" else torch.float32
+    y = x.new_empty(tiles, n_out, inv * inv * c)
+    return y, x.new_empty(tiles * n_out, dtype=stat), x.new_empty(tiles * n_out, dtype=stat)
+
+
+@torch.library.custom_op("longvita::pixel_shuffle_ln_bwd", mutates_args=())
+def _ps_ln_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    has_bias: bool,
+    inv: int,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = pixel_shuffle_ln_bwd(dy, x, weight, mean, rstd, has_bias, PixelShuffleParams(inv, eps, backend))
+    return dx, dw, (db if db is not None else weight.new_empty(0))  # a custom op returns tensors only
+
+
+@_ps_ln_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, has_bias, inv, eps, backend):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
+
+
 class _PixelShuffleLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p: PixelShuffleParams):
-        y, mean, rstd = pixel_shuffle_ln_fwd(x, weight, bias, p)
+        y, mean, rstd = _ps_ln_fwd_op(x, weight, bias, p.inv, p.eps, p.backend)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.p = p
         ctx.has_bias = bias is not None
@@ -385,8 +426,9 @@ class _PixelShuffleLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = pixel_shuffle_ln_bwd(dy, x, weight, mean, rstd, ctx.has_bias, ctx.p)
-        return dx, dw, db, None
+        p = ctx.p
+        dx, dw, db = _ps_ln_bwd_op(dy.contiguous(), x, weight, mean, rstd, ctx.has_bias, p.inv, p.eps, p.backend)
+        return dx, dw, (db if ctx.has_bias else None), None
 
 
 def linear_gelu_fwd(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, save_pre: bool):
