@@ -18,7 +18,10 @@ one destination row, so ``dx`` is written by plain stores, no atomics. ``dweight
 ``dbias`` are per-program partial sums in fp32 followed by one sum.
 
 The two GEMMs and the GELU run as ``F.linear`` + ``F.gelu`` (cuBLAS on GPU), so their
-backward is autograd's.
+backward is autograd's; ``gemm='triton'`` instead runs the first GEMM in Triton with the
+GELU in its epilogue (untuned fixed tiles; its backward is torch's). The fused piece's
+launchers are registered as torch custom ops with fake kernels, so torch.compile traces
+through them.
 
 Backends for the fused piece (``backend=`` or ``LONGVITA_BACKEND``):
   'cuda'   the CUDA kernel of ``longvita._C`` (CUDA tensors; float32/float16/bfloat16)
