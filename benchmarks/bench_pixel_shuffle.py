@@ -5,8 +5,8 @@
 
 Shapes: InternViT-300M -> Qwen2.5-14B, bf16, no biases. Each tile has 1024 ViT tokens
 of C = 1024 channels; the pixel shuffle gives 256 rows of 4C = 4096; LayerNorm(4096);
-Linear 4096 -> 5120; GELU; Linear 5120 -> 5120 (InternVL's ``mlp1``: the hidden width is
-the LLM's, 5120 for Qwen2.5-14B; ``--hidden`` changes it). 64 to 4096 tiles.
+Linear 4096 -> 1024; GELU; Linear 1024 -> 5120 (Long-VITA's projector, no biases;
+``--hidden 5120`` gives InternVL's 4096 -> 5120 -> 5120 width). 64 to 4096 tiles.
 
 Two tables:
 - ``shuffle+layernorm`` (forward): GB/s counting bytes read (x, weight, bias) and
@@ -46,8 +46,8 @@ class Case:
     tiles: int
     c: int = 1024
     tokens: int = 1024  # per tile, h = w = 32
-    hidden: int = 5120
-    out: int = 5120
+    hidden: int = 1024  # Long-VITA's projector middle width
+    out: int = 5120  # Qwen2.5-14B hidden size
 
     @property
     def name(self) -> str:
@@ -66,9 +66,9 @@ class Case:
         return self.copy_bytes() if impl == "copy" else self.ln_bytes()
 
 
-def cases(quick: bool = False, hidden: int = 5120) -> list[Case]:
+def cases(quick: bool = False, hidden: int = 1024, out: int = 5120) -> list[Case]:
     tiles = (64, 256) if quick else (64, 256, 1024, 4096)
-    return [Case(t, hidden=hidden, out=hidden) for t in tiles]
+    return [Case(t, hidden=hidden, out=out) for t in tiles]
 
 
 # --------------------------------------------------------------------------------------
@@ -188,14 +188,15 @@ def measure_projector(case: Case, impl: str, mode: str, quick: bool) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tiles and iterations")
-    parser.add_argument("--hidden", type=int, default=5120, help="projector hidden and output width (LLM hidden size)")
+    parser.add_argument("--hidden", type=int, default=1024, help="projector middle width (Long-VITA 1024; InternVL 5120)")
+    parser.add_argument("--out-width", type=int, default=5120, help="projector output width (the LLM hidden size)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pixel_shuffle.json)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_pixel_shuffle: no CUDA device; this benchmark measures GPU kernels only. Nothing to do.", file=sys.stderr)
         return 0
     rows = []
-    for case in cases(args.quick, args.hidden):
+    for case in cases(args.quick, args.hidden, args.out_width):
         for impl in LN_IMPLS:
             metrics = measure_ln(case, impl, args.quick)
             if metrics:

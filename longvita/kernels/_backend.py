@@ -4,7 +4,10 @@
 - CPU tensors run the plain-torch reference, except under ``TRITON_INTERPRET=1``
   (set before triton is imported), where they run the Triton kernels in Triton's
   interpreter: that is how CI tests the Triton code on machines without a GPU.
-- ``LONGVITA_BACKEND=torch|triton|cuda`` (or a kernel's ``backend=`` argument) forces one.
+- ``LONGVITA_BACKEND=torch|triton|cuda|cpp`` (or a kernel's ``backend=`` argument) forces one.
+  Kernels with a CUDA C++ / C++ CPU path (pixel shuffle) handle 'cuda' and 'cpp'
+  themselves; for the others 'cuda' means their GPU kernel (Triton) and 'cpp' their
+  CPU path (the torch reference), so one environment setting serves every kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "flash_attn")
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "flash_attn")
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,6 +54,10 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if triton_runs_on(device) else "torch"
+    if backend == "cpp":
+        return "torch"
+    if backend == "cuda":
+        backend = "triton"
     if backend == "triton" and not triton_runs_on(device):
         raise RuntimeError(
             f"backend='triton' cannot run on {device.type} tensors here "
