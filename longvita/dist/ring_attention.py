@@ -32,9 +32,8 @@ import torch.distributed as dist
 
 from longvita.dist.zigzag import ZigzagLayout, _as_layout
 from longvita.kernels.lse_merge import lse_merge_
-from longvita.kernels.varlen_attention import varlen_attention_bwd, varlen_attention_fwd
+from longvita.kernels.varlen_attention import check_qkv, varlen_attention_bwd, varlen_attention_fwd
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class RingComm:
@@ -202,23 +201,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _check_inputs(q, k, v, layout: ZigzagLayout, world: int) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[2]} and {k.shape[2]}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for GQA")
+    check_qkv(q, k, v)
     if layout.world_size != world:
         raise ValueError(f"the zigzag layout is for {layout.world_size} ranks but the process group has {world}")
     if layout.cu_seqlens_local.device != q.device:

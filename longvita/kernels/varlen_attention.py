@@ -24,7 +24,8 @@ from longvita.kernels._backend import resolve_backend, triton_runs_on
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size):
+def check_qkv(q, k, v) -> None:
+    """Shape/dtype/device checks of THD q, k, v (shared with ring attention)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -44,6 +45,10 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(
             f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) for GQA"
         )
+
+
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size):
+    check_qkv(q, k, v)
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]), ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
             raise ValueError(f"{name} must be a 1-D tensor of batch+1 offsets")
