@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,7 +19,11 @@ def _run(*args, env=None):
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # a user's shell: the demo runs the CPU reference path
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "longvita", *args], capture_output=True, text=True, env=e, timeout=300)
+    # run outside the repo so `-m longvita` imports the installed package, as a user's would
+    return subprocess.run(
+        [sys.executable, "-m", "longvita", *args], capture_output=True, text=True, env=e, timeout=300,
+        cwd=tempfile.gettempdir(),
+    )
 
 
 def test_generate_default_json_subprocess():
