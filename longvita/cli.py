@@ -174,6 +174,10 @@ def cmd_generate(args) -> int:
             print(f"[{len(tokens)} tokens in {elapsed:.2f} s, {tps:.1f} tokens/s; prompt {input_ids.numel()} tokens, "
                   f"{0 if pixels is None else pixels.shape[0]} tiles; model {folder or 'tiny (random weights)'}]",
                   file=sys.stderr)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -118,19 +118,25 @@ def load_video(
     # Pass 2: decode and keep the chosen frames (decoding must run through every frame:
     # inter-coded frames depend on earlier ones). Decoded frames come out in
     # presentation order and carry their packet's pts.
+    from tqdm.auto import tqdm
+
     frames: dict[int, torch.Tensor] = {}
     container = _open(path)
+    # long videos take minutes to decode: show progress (stderr), not for short clips
+    progress = tqdm(total=len(keys), desc=f"decoding {path.name}", unit="frame", disable=len(keys) < 2000, leave=False)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         try:
             for index, frame in enumerate(container.decode(stream)):
+                progress.update()
                 key = index if by_index else frame.pts
                 if key in wanted and key not in frames:
                     frames[key] = square_tile(frame.to_image(), image_size)
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise InputError(f"video file {str(path)!r} is corrupt: {exc}") from None
     finally:
+        progress.close()
         container.close()
     if not frames:
         raise InputError(f"video file {str(path)!r} decoded to no frames")
