@@ -332,7 +332,7 @@ def test_gpu_flash_attn_backend_agrees():
     assert _max_err(lse_t, r_lse) <= 2 * _max_err(lse_f, r_lse) + 1e-5 * _max_abs(r_lse)
 
 
-@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32), (16, 64)])
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (9, 4))])
 def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
     """The interpreter runs 16x16 blocks; GPU configs have BLOCK_M != BLOCK_N, so check the

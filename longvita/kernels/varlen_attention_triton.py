@@ -485,10 +485,12 @@ def _fixed_config(kind: str, block_d: int) -> dict:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if kind == "dkdv":
+        # chosen so that ptxas reports no register spills for sm_90 in bf16/fp16
+        # (benchmarks/compile_report.py); 4-warp variants spilled 100-500 bytes
         if block_d <= 64:
-            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
+            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
         if block_d <= 128:
-            return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+            return dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
     # dq
     if block_d <= 64:
