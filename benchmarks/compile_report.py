@@ -142,6 +142,10 @@ for dtype in (torch.bfloat16, torch.float16):
     for gemm in (None, "triton"):
         cases.append((f"pixel_shuffle {dt} gemm={gemm}", lambda dtype=dtype, g=gemm: pixel_shuffle(dtype, g)))
 cases.append(("lse_merge fp32", merge))
+# fp32 inputs take exact ("ieee") dots: compile them once too
+cases.append(("attention float32 d64 causal=True", lambda: attention(torch.float32, 64, True)))
+cases.append(("lm_head float32 none", lambda: lm_head(torch.float32, "none")))
+cases.append(("pixel_shuffle float32 gemm=None", lambda: pixel_shuffle(torch.float32, None)))
 
 def run(only):
     failures = {}
