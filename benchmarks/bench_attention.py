@@ -256,7 +256,7 @@ def main(argv=None) -> int:
 # pytest-benchmark
 # --------------------------------------------------------------------------------------
 
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device")
+from common import gpu_only  # noqa: E402
 
 
 @gpu_only

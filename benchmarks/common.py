@@ -19,7 +19,11 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, field
 
+import pytest
 import torch
+
+# pytest-benchmark cases run only where there is a GPU to measure
+gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_DIR = os.path.join(HERE, "results")

@@ -1,9 +1,5 @@
 import os
 import sys
 
-import pytest
-import torch
-
+# the bench_*.py files import their shared helpers as `common`
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device")
