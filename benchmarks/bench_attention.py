@@ -32,7 +32,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, flash_attn_available, peak_memory_gib, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, flash_attn_available, gpu_only, peak_memory_gib, print_table, time_cuda, with_backward, write_json  # noqa: E402
 
 NAME = "attention"
 TITLE = "Varlen packed attention (bf16), forward and forward+backward"
@@ -103,31 +103,11 @@ def _cumsum(xs):
         yield s
 
 
-def _with_backward(fwd, mode: str, leaves):
-    """fwd() -> out. For fwd+bwd, also backward with a fixed cotangent."""
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fwd()
-        return run
-    dout = None
-
-    def run():
-        nonlocal dout
-        out = fwd()
-        if dout is None:
-            dout = torch.randn_like(out)
-        torch.autograd.backward(out, dout)
-        for t in leaves:
-            t.grad = None
-    return run
-
-
 def _setup_longvita(case, mode):
     from longvita.kernels.varlen_attention import varlen_attention
 
     q, k, v, cu, mx = _inputs(case, mode != "fwd")
-    return _with_backward(lambda: varlen_attention(q, k, v, cu, cu, mx, mx, causal=case.causal, backend="triton"), mode, (q, k, v))
+    return with_backward(lambda: varlen_attention(q, k, v, cu, cu, mx, mx, causal=case.causal, backend="triton"), mode, (q, k, v))
 
 
 def _setup_flash_attn(case, mode):
@@ -136,7 +116,7 @@ def _setup_flash_attn(case, mode):
     from flash_attn import flash_attn_varlen_func
 
     q, k, v, cu, mx = _inputs(case, mode != "fwd")
-    return _with_backward(lambda: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=case.causal), mode, (q, k, v))
+    return with_backward(lambda: flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=case.causal), mode, (q, k, v))
 
 
 def _setup_torch_varlen(case, mode):
@@ -149,7 +129,7 @@ def _setup_torch_varlen(case, mode):
     kw = dict(window_size=window)
     if case.hq != case.hkv:
         kw["enable_gqa"] = True
-    return _with_backward(lambda: varlen_attn(q, k, v, cu, cu, mx, mx, **kw), mode, (q, k, v))
+    return with_backward(lambda: varlen_attn(q, k, v, cu, cu, mx, mx, **kw), mode, (q, k, v))
 
 
 def _setup_sdpa(case, mode, backend_name: str):
@@ -169,7 +149,7 @@ def _setup_sdpa(case, mode, backend_name: str):
     def fwd():
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
-    return _with_backward(fwd, mode, (q, k, v))
+    return with_backward(fwd, mode, (q, k, v))
 
 
 _FLEX = None
@@ -203,7 +183,7 @@ def _setup_flex(case, mode):
             block_mask=block_mask, enable_gqa=gqa,
         )
         return o[0].transpose(0, 1)
-    return _with_backward(fwd, mode, (q, k, v))
+    return with_backward(fwd, mode, (q, k, v))
 
 
 IMPLS = {
@@ -256,7 +236,6 @@ def main(argv=None) -> int:
 # pytest-benchmark
 # --------------------------------------------------------------------------------------
 
-from common import gpu_only  # noqa: E402
 
 
 @gpu_only

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, peak_memory_gib, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, gpu_only, peak_memory_gib, print_table, time_cuda, write_json  # noqa: E402
 
 NAME = "lm_head"
 TITLE = "LM head (Qwen2.5-14B: H=5120, V=152064, bf16)"
@@ -259,7 +259,6 @@ def main(argv=None) -> int:
 # pytest-benchmark
 # --------------------------------------------------------------------------------------
 
-from common import gpu_only  # noqa: E402
 
 
 @gpu_only

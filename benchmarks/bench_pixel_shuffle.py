@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, gpu_only, print_table, time_cuda, with_backward, write_json  # noqa: E402
 
 NAME = "pixel_shuffle"
 TITLE = "Pixel-shuffle projector (bf16, InternViT-300M -> Qwen2.5-14B)"
@@ -113,26 +113,6 @@ def _setup_ln(case: Case, impl: str):
     raise ValueError(impl)
 
 
-def _with_backward(fwd, mode: str, leaves):
-    """fwd() -> out. For fwd+bwd, also backward with a fixed cotangent."""
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                fwd()
-        return run
-    dout = None
-
-    def run():
-        nonlocal dout
-        out = fwd()
-        if dout is None:
-            dout = torch.randn_like(out)
-        torch.autograd.backward(out, dout)
-        for t in leaves:
-            t.grad = None
-    return run
-
-
 def _setup_projector(case: Case, impl: str, mode: str):
     from longvita.kernels import pixel_shuffle_project
     from longvita.kernels.reference import pixel_shuffle_project_reference
@@ -150,7 +130,7 @@ def _setup_projector(case: Case, impl: str, mode: str):
         fwd = lambda: compiled(x, ln_w, None, w1, None, w2, None)  # noqa: E731
     else:
         raise ValueError(impl)
-    return _with_backward(fwd, mode, leaves)
+    return with_backward(fwd, mode, leaves)
 
 
 LN_IMPLS = ["copy", "cuda", "triton", "eager", "compile"]
@@ -218,7 +198,6 @@ def main(argv=None) -> int:
 # pytest-benchmark
 # --------------------------------------------------------------------------------------
 
-from common import gpu_only  # noqa: E402
 
 
 def _bench(benchmark, fn, case: Case):

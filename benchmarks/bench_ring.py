@@ -42,7 +42,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, gpu_only, print_table, time_cuda, write_json  # noqa: E402
 
 from longvita.dist import visible_pairs_per_rank, zigzag_layout  # noqa: E402
 
@@ -282,7 +282,6 @@ def main(argv=None) -> int:
 # pytest-benchmark
 # --------------------------------------------------------------------------------------
 
-from common import gpu_only  # noqa: E402
 
 
 @gpu_only

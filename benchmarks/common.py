@@ -52,6 +52,27 @@ def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
     return times[len(times) // 2]
 
 
+def with_backward(fwd, mode: str, leaves):
+    """The timed callable of ``mode``: 'fwd' runs fwd() without grad; 'fwd+bwd' also runs
+    backward with a fixed cotangent and clears the leaves' grads."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fwd()
+        return run
+    dout = None
+
+    def run():
+        nonlocal dout
+        out = fwd()
+        if dout is None:
+            dout = torch.randn_like(out)
+        torch.autograd.backward(out, dout)
+        for t in leaves:
+            t.grad = None
+    return run
+
+
 def peak_memory_gib(fn) -> float:
     """Peak CUDA memory allocated by ``fn()`` above what was allocated before, in GiB."""
     torch.cuda.synchronize()
