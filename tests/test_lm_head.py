@@ -379,3 +379,49 @@ def test_lce_gpu_large_vocab_int64_offsets(dtype, reduction):
     for name, o, p, r in zip(("loss", "d(hidden)", "d(weight)"), ours, plain, ref32):
         assert torch.isfinite(o).all()
         assert _err(o, r) <= 2 * _err(p, r) + 1e-3 * r.abs().max().item(), name
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lce_torch_compile_matches_eager(backend):
+    """torch.compile traces linear_cross_entropy through its custom ops: same loss and
+    grads as eager. drop_ignored=False gives one graph (fullgraph=True); the default
+    drop_ignored=True breaks the graph at its nonzero (documented), so fullgraph=False."""
+    torch._dynamo.reset()
+    hidden, weight, labels = _inputs(37, 24, 101, torch.float32, ignore_frac=0.3)
+    up = torch.rand(37, device=DEVICE)
+    for reduction, drop, fullgraph in (("mean", False, True), ("none", False, True), ("mean", True, False)):
+
+        def fn(h, w, y):
+            return linear_cross_entropy(h, w, y, reduction=reduction, drop_ignored=drop, backend=backend)
+
+        upstream = up if reduction == "none" else None
+        eager = _run(fn, hidden, weight, labels, upstream)
+        compiled = _run(torch.compile(fn, fullgraph=fullgraph, backend="aot_eager"), hidden, weight, labels, upstream)
+        for name, a, b in zip(("loss", "d(hidden)", "d(weight)"), compiled, eager):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"{reduction}/{drop}: {name}")
+    torch._dynamo.reset()
+
+
+def test_lce_custom_ops_opcheck():
+    """The custom ops behind linear_cross_entropy pass torch.library.opcheck (schema,
+    fake implementation, AOT dispatch)."""
+    import longvita.kernels.lm_head as lh
+
+    hidden, weight, labels = _inputs(19, 16, 53, torch.float32, ignore_frac=0.3)
+    backends = ("torch", "triton") if _TRITON_HERE else ("torch",)
+    for be in backends:
+        loss, lse = lh._lce_fwd_op(hidden, weight, labels, -100, be, 1 << 20)
+        torch.library.opcheck(lh._lce_fwd_op, (hidden, weight, labels, -100, be, 1 << 20))
+        g = torch.rand(19, device=DEVICE)
+        for need_h, need_w in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(
+                lh._lce_bwd_op,
+                (hidden, weight, labels, lse, g, g.flip(0), -100, be, 1 << 20, 1 << 20, need_h, need_w),
+            )
+    if _TRITON_HERE:
+        torch.library.opcheck(lh._lce_fused_sum_op, (hidden, weight, labels, -100, 1 << 20, True, True))

@@ -9,8 +9,10 @@
 
 Layers (STYLE.md): public functions -> ``_LinearCrossEntropyFunction`` (per-row loss
 and lse, gradients recomputed in backward) or ``_LinearCrossEntropySumFunction`` (summed
-loss, gradients computed in forward) -> launchers (check shapes, launch Triton, or run the chunked
-torch path). Non-tensor options travel in one ``LCEParams`` dataclass.
+loss, gradients computed in forward) -> torch.library custom ops ``longvita::lce_fwd``,
+``lce_bwd``, ``lce_fused_sum`` (with fake implementations, so torch.compile traces
+through them) -> launchers (check shapes, launch Triton, or run the chunked torch path).
+Non-tensor options travel in one ``LCEParams`` dataclass (as its fields through the ops).
 
 Triton recompute scheme (cut-cross-entropy-like):
 - forward: one program per block of rows walks the vocabulary in blocks, computing the
@@ -171,7 +173,8 @@ def linear_cross_entropy(
         drop_ignored: True (default) gathers the valid rows before projecting, which
             costs one host sync per call on GPU (``torch.nonzero``). False projects
             every row and masks the ignored ones: no host sync at all, but work for
-            every row.
+            every row. Under torch.compile, True breaks the graph at the nonzero;
+            False traces as one graph (``fullgraph=True``).
         backend: 'triton', 'torch' or None (auto: Triton on CUDA / in the interpreter).
             fp64 inputs always take the torch path.
 
@@ -211,7 +214,11 @@ def linear_cross_entropy(
     valid = labels != params.ignore_index  # (N,)
 
     if drop_ignored:
-        rows = valid.nonzero().squeeze(1)  # the one host sync (GPU) of this call
+        # The one host sync (GPU) of this call. Under torch.compile this data-dependent
+        # row count breaks the graph here (Dynamo does not capture nonzero by default);
+        # the loss core after it still compiles through the custom ops below. A caller
+        # that wants one full graph (fullgraph=True) passes drop_ignored=False.
+        rows = valid.nonzero().squeeze(1)
         if rows.numel() == n:  # every row labelled: no copy
             rows = None
     else:
@@ -260,7 +267,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, params: LCEParams):
-        loss, lse_raw = _lce_forward(hidden, weight, labels, params)
+        p = params
+        loss, lse_raw = _lce_fwd_op(hidden, weight, labels, p.ignore_index, p.backend, p.torch_chunk_bytes)
         ctx.save_for_backward(hidden, weight, labels, lse_raw)
         ctx.params = params
         lse = torch.where(labels != params.ignore_index, lse_raw, torch.zeros((), dtype=lse_raw.dtype))
@@ -270,8 +278,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         hidden, weight, labels, lse_raw = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dh, dw = _lce_backward(hidden, weight, labels, lse_raw, grad_loss, grad_lse, ctx.params, need_h, need_w)
-        return dh, dw, None, None
+        p = ctx.params
+        dh, dw = _lce_bwd_op(
+            hidden, weight, labels, lse_raw, grad_loss, grad_lse,
+            p.ignore_index, p.backend, p.torch_chunk_bytes, p.bwd_chunk_bytes, need_h, need_w,
+        )
+        return (dh if need_h else None), (dw if need_w else None), None, None
 
 
 class _LinearCrossEntropySumFunction(torch.autograd.Function):
@@ -283,8 +295,8 @@ class _LinearCrossEntropySumFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, params: LCEParams):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        loss, dh, dw = _triton_fused_sum(hidden, weight, labels, params, need_h, need_w)
-        ctx.grads = (dh, dw)
+        loss, dh, dw = _lce_fused_sum_op(hidden, weight, labels, params.ignore_index, params.fused_chunk_bytes, need_h, need_w)
+        ctx.grads = (dh if need_h else None, dw if need_w else None)
         return loss
 
     @staticmethod
@@ -298,6 +310,73 @@ class _LinearCrossEntropySumFunction(torch.autograd.Function):
         if dw is not None:
             dw = dw.mul_(grad_loss.to(dw.dtype))
         return dh, dw, None, None
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops, so torch.compile traces through the launchers (as in
+# varlen_attention_triton.py / pixel_shuffle.py): the autograd.Functions above call
+# these ops, whose fake implementations give the output shapes without running them.
+# LCEParams travels as its fields (a custom op takes tensors and scalars only); a
+# gradient that is not wanted comes back as an empty placeholder (a custom op returns
+# tensors only) and the Functions turn it into None.
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("longvita::lce_fwd", mutates_args=())
+def _lce_fwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+    ignore_index: int, backend: str, torch_chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    params = LCEParams(ignore_index=ignore_index, backend=backend, torch_chunk_bytes=torch_chunk_bytes)
+    return _lce_forward(hidden, weight, labels, params)
+
+
+@_lce_fwd_op.register_fake
+def _(hidden, weight, labels, ignore_index, backend, torch_chunk_bytes):
+    acc = _acc_dtype(hidden.dtype)
+    m = hidden.shape[0]
+    return hidden.new_empty(m, dtype=acc), hidden.new_empty(m, dtype=acc)
+
+
+@torch.library.custom_op("longvita::lce_bwd", mutates_args=())
+def _lce_bwd_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+    grad_loss: torch.Tensor, grad_lse: torch.Tensor,
+    ignore_index: int, backend: str, torch_chunk_bytes: int, bwd_chunk_bytes: int,
+    need_h: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    params = LCEParams(
+        ignore_index=ignore_index, backend=backend,
+        torch_chunk_bytes=torch_chunk_bytes, bwd_chunk_bytes=bwd_chunk_bytes,
+    )
+    dh, dw = _lce_backward(hidden, weight, labels, lse, grad_loss, grad_lse, params, need_h, need_w)
+    return (dh if need_h else hidden.new_empty(0)), (dw if need_w else weight.new_empty(0))
+
+
+@_lce_bwd_op.register_fake
+def _(hidden, weight, labels, lse, grad_loss, grad_lse, ignore_index, backend, torch_chunk_bytes,
+      bwd_chunk_bytes, need_h, need_w):
+    return (torch.empty_like(hidden) if need_h else hidden.new_empty(0)), (
+        torch.empty_like(weight) if need_w else weight.new_empty(0)
+    )
+
+
+@torch.library.custom_op("longvita::lce_fused_sum", mutates_args=())
+def _lce_fused_sum_op(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+    ignore_index: int, fused_chunk_bytes: int, need_h: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = LCEParams(ignore_index=ignore_index, backend="triton", fused_chunk_bytes=fused_chunk_bytes)
+    loss, dh, dw = _triton_fused_sum(hidden, weight, labels, params, need_h, need_w)
+    return loss, (dh if need_h else hidden.new_empty(0)), (dw if need_w else weight.new_empty(0))
+
+
+@_lce_fused_sum_op.register_fake
+def _(hidden, weight, labels, ignore_index, fused_chunk_bytes, need_h, need_w):
+    loss = hidden.new_empty((), dtype=torch.float32)
+    return loss, (torch.empty_like(hidden) if need_h else hidden.new_empty(0)), (
+        torch.empty_like(weight) if need_w else weight.new_empty(0)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -677,7 +756,9 @@ def _check_labels(labels, n, vocab, device, ignore_index):
         raise ValueError(f"labels must be on hidden's device {device}, got {labels.device}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
-    if device.type == "cpu" and n:  # value check only where it costs no device sync
+    # Value check only where it costs no device sync, and not under torch.compile (a
+    # host read of tensor data would break the graph).
+    if device.type == "cpu" and n and not torch.compiler.is_compiling():
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
