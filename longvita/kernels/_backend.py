@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -20,14 +19,20 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "flash_attn")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_OK: bool | None = None  # cached by hand: torch.compile warns on tracing lru_cache
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # triton missing or broken: the torch reference serves
-        return False
-    return True
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # triton missing or broken: the torch reference serves
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def triton_interpret() -> bool:
