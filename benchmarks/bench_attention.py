@@ -32,7 +32,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, flash_attn_available, gpu_only, peak_memory_gib, print_table, time_cuda, with_backward, write_json  # noqa: E402
+from common import Row, pytest_benchmark_median, flash_attn_available, gpu_only, peak_memory_gib, print_table, time_cuda, with_backward, write_json  # noqa: E402
 
 NAME = "attention"
 TITLE = "Varlen packed attention (bf16), forward and forward+backward"
@@ -250,15 +250,7 @@ def test_attention(benchmark, case, impl, mode):
     if fn is None:
         pytest.skip(f"{impl} not available for {case.name}")
 
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-
-    try:
-        benchmark.pedantic(timed, rounds=10, warmup_rounds=3)
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-        pytest.skip(f"{impl} failed on {case.name}: {e}")
-    median_s = benchmark.stats.stats.median
+    median_s = pytest_benchmark_median(benchmark, fn, f"{impl} {case.name} {mode}")
     benchmark.extra_info["tflops"] = case.flops(mode) / median_s / 1e12
     benchmark.extra_info["case"] = case.name
 

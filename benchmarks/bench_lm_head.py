@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, gpu_only, peak_memory_gib, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, pytest_benchmark_median, gpu_only, peak_memory_gib, print_table, time_cuda, write_json  # noqa: E402
 
 NAME = "lm_head"
 TITLE = "LM head (Qwen2.5-14B: H=5120, V=152064, bf16)"
@@ -272,16 +272,8 @@ def test_lm_head(benchmark, case, impl):
     if fn is None:
         pytest.skip(f"{impl} not available for {case.name}")
 
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-
-    try:
-        benchmark.pedantic(timed, rounds=5, warmup_rounds=2)
-    except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
-        pytest.skip(f"{impl} failed on {case.name}: {e}")
-    benchmark.extra_info["tflops"] = case.flops() / benchmark.stats.stats.median / 1e12
-    benchmark.extra_info["case"] = case.name
+    median_s = pytest_benchmark_median(benchmark, fn, case.name, rounds=5, warmup_rounds=2)
+    benchmark.extra_info["tflops"] = case.flops() / median_s / 1e12
 
 
 if __name__ == "__main__":

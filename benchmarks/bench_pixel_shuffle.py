@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, gpu_only, print_table, time_cuda, with_backward, write_json  # noqa: E402
+from common import Row, pytest_benchmark_median, gpu_only, print_table, time_cuda, with_backward, write_json  # noqa: E402
 
 NAME = "pixel_shuffle"
 TITLE = "Pixel-shuffle projector (bf16, InternViT-300M -> Qwen2.5-14B)"
@@ -201,16 +201,7 @@ def main(argv=None) -> int:
 
 
 def _bench(benchmark, fn, case: Case):
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-
-    try:
-        benchmark.pedantic(timed, rounds=10, warmup_rounds=3)
-    except _SKIPPABLE as e:
-        pytest.skip(f"failed on {case.name}: {e}")
-    benchmark.extra_info["case"] = case.name
-    return benchmark.stats.stats.median
+    return pytest_benchmark_median(benchmark, fn, case.name)
 
 
 @gpu_only

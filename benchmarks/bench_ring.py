@@ -42,7 +42,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, gpu_only, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, pytest_benchmark_median, gpu_only, print_table, time_cuda, write_json  # noqa: E402
 
 from longvita.dist import visible_pairs_per_rank, zigzag_layout  # noqa: E402
 
@@ -291,12 +291,7 @@ def test_ring_block(benchmark, kind, backward):
     case = Case(131072, 4)
     fn = setup_block(case, kind, backward)
 
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=10, warmup_rounds=3)
-    median_s = benchmark.stats.stats.median
+    median_s = pytest_benchmark_median(benchmark, fn, f"{case.name} {kind}")
     benchmark.extra_info["tflops"] = case.flops(kind, backward) / median_s / 1e12
     benchmark.extra_info["kv_bytes_per_step"] = case.kv_bytes_bwd() if backward else case.kv_bytes_fwd()
     benchmark.extra_info["case"] = f"{case.name} {kind}"

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
+from make_results import fmt_number
 
 # pytest-benchmark cases run only where there is a GPU to measure
 gpu_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="benchmarks need a CUDA device")
@@ -73,6 +74,27 @@ def with_backward(fwd, mode: str, leaves):
     return run
 
 
+_SKIPPABLE = (RuntimeError, NotImplementedError, ValueError, TypeError)
+
+
+def pytest_benchmark_median(benchmark, fn, label: str, rounds: int = 10, warmup_rounds: int = 3) -> float:
+    """Time ``fn`` under pytest-benchmark, synchronising CUDA inside the timed call.
+
+    A baseline that cannot run this case (unsupported shape, out of memory) skips the
+    case rather than failing the run. Returns the median in seconds."""
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    try:
+        benchmark.pedantic(timed, rounds=rounds, warmup_rounds=warmup_rounds)
+    except _SKIPPABLE as e:
+        pytest.skip(f"failed on {label}: {e}")
+    benchmark.extra_info["case"] = label
+    return benchmark.stats.stats.median
+
+
 def peak_memory_gib(fn) -> float:
     """Peak CUDA memory allocated by ``fn()`` above what was allocated before, in GiB."""
     torch.cuda.synchronize()
@@ -114,21 +136,13 @@ def print_table(title: str, rows: list[Row], metrics: list[str]) -> None:
     print(f"\n## {title}")
     header = ["case", "impl"] + metrics
     lines = [header] + [
-        [r.case, r.impl] + [_fmt(r.metrics.get(m)) for m in metrics] for r in rows
+        [r.case, r.impl] + [fmt_number(r.metrics.get(m)) for m in metrics] for r in rows
     ]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
-
-
-def _fmt(v):
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)
 
 
 def write_json(name: str, title: str, rows: list[Row], metrics: list[str], out: str | None = None) -> str:

@@ -9,7 +9,7 @@ import json
 import sys
 
 
-def _fmt(v):
+def fmt_number(v):
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -30,7 +30,7 @@ def to_markdown(payload: dict) -> str:
     ]
     for r in payload["rows"]:
         lines.append(
-            f"| {r['case']} | {r['impl']} | " + " | ".join(_fmt(r["metrics"].get(m)) for m in metrics) + " |"
+            f"| {r['case']} | {r['impl']} | " + " | ".join(fmt_number(r["metrics"].get(m)) for m in metrics) + " |"
         )
     return "\n".join(lines) + "\n"
 
