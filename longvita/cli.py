@@ -12,8 +12,7 @@ import os
 import sys
 import time
 
-EXIT_USAGE = 2
-EXIT_INPUT = 1
+EXIT_INPUT = 1  # bad input (files, arguments, checkpoints); argparse's own errors exit 2
 
 
 class CLIError(Exception):
@@ -86,54 +85,58 @@ def _synthetic_image(seed: int, size: int = 96):
     return Image.fromarray(img.astype("uint8"), "RGB")
 
 
-def _load_model(args, torch, vocab_size: int | None):
-    from longvita.model import LongVITA, preset
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    device = torch.device(args.device)
-    if args.model is None:
-        torch.manual_seed(args.seed)
-        config = preset("tiny")
-        config.text.vocab_size = vocab_size  # every generated id decodes with the built-in tokenizer
-        model = LongVITA(config).to(device=device, dtype=dtype).eval()
-        with torch.no_grad():  # visible structure in random weights: scale like a trained net
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.normal_(0, 0.5 / p.shape[-1] ** 0.5)
-        return model, None
-    return LongVITA.from_pretrained(args.model, dtype=dtype, device=device), args.model
+def check_generate_args(args) -> None:
+    """Every check that needs no model, before anything is loaded: errors name the flag."""
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.max_tiles < 1:
+        raise CLIError(f"--max-tiles must be >= 1, got {args.max_tiles}")
+    if args.max_frames < 1:
+        raise CLIError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if not args.temperature >= 0:  # also rejects nan
+        raise CLIError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    for flag, paths in (("--image", args.image or []), ("--video", [args.video] if args.video else [])):
+        for path in paths:
+            if not os.path.exists(path):
+                raise CLIError(f"{flag} {path}: file does not exist")
+            if not os.path.isfile(path):
+                raise CLIError(f"{flag} {path}: not a file")
+    if args.model is not None:
+        if not os.path.isdir(args.model):
+            raise CLIError(f"--model {args.model}: checkpoint folder does not exist")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise CLIError(f"--model {args.model}: no config.json in the folder")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise CLIError(f"--device must be cpu or cuda[:N], got {args.device!r}")
 
 
 def cmd_generate(args) -> int:
+    check_generate_args(args)
     import torch
 
-    from longvita.data import (
-        SpecialTokens,
-        build_default_tokenizer,
-        build_inputs,
-        load_image,
-        load_tokenizer,
-        load_video,
-        tile_image,
-    )
-
-    if args.max_new_tokens < 0:
-        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
     rank, world = _maybe_init_distributed(torch)
+    try:
+        return _generate(args, torch, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
 
-    if args.model is None:
-        tokenizer = build_default_tokenizer()
-        model, folder = _load_model(args, torch, tokenizer.get_vocab_size())
-    else:  # weights first: a broken checkpoint is reported before a missing tokenizer
-        model, folder = _load_model(args, torch, None)
-        tokenizer = load_tokenizer(args.model)
-    cfg = model.config
-    special = SpecialTokens.from_tokenizer(tokenizer)
-    cfg.image_token_ids = special.context_token_ids
+            dist.destroy_process_group()
+
+
+def _generate(args, torch, rank: int, world: int) -> int:
+    from longvita.data import build_inputs, load_image, load_video, tile_image
+    from longvita.pipeline import load_pipeline
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, dtype=dtype, device=args.device, seed=args.seed)
+    model, cfg = pipe.model, pipe.model.config
+    load_s = time.perf_counter() - t0
+
     size = cfg.vision.image_size
-
     segments: list = []
     if args.image:
         for path in args.image:
@@ -143,47 +146,58 @@ def cmd_generate(args) -> int:
     if args.video:
         segments.append(load_video(args.video, max_frames=args.max_frames, image_size=size))
     segments.append(args.prompt)
-    prompt = build_inputs(tokenizer, special, segments, tokens_per_tile=cfg.tokens_per_tile)
+    prompt = build_inputs(pipe.tokenizer, pipe.special, segments, tokens_per_tile=cfg.tokens_per_tile)
+    n_prompt = int(prompt.input_ids.numel())
+    limit = cfg.text.max_position_embeddings
+    if n_prompt + args.max_new_tokens > limit:
+        raise CLIError(
+            f"--prompt: the prompt is {n_prompt} tokens (with its media) and --max-new-tokens adds "
+            f"{args.max_new_tokens}, more than the model's max_position_embeddings ({limit})"
+        )
+    input_ids = prompt.input_ids.to(pipe.device)
+    pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(pipe.device, pipe.dtype)
+    tiles = 0 if pixels is None else int(pixels.shape[0])
+    inputs_s = time.perf_counter() - t0 - load_s
 
-    device = next(model.parameters()).device
-    input_ids = prompt.input_ids.to(device)
-    pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(device, next(model.parameters()).dtype)
-    if input_ids.max() >= cfg.text.vocab_size:
-        raise CLIError(f"the tokenizer produces ids up to {int(input_ids.max())} but the model's vocabulary has {cfg.text.vocab_size}")
-
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    start = time.perf_counter()
-    tokens = []
-    for tok in model.generate(
-        input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=special.eos_token_id,
+    gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    tokens: list[int] = []
+    t1 = time.perf_counter()
+    prefill_s = None
+    stream = model.generate(
+        input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=pipe.special.eos_token_id,
         temperature=args.temperature, generator=gen,
-    ):
+    )
+    for tok in stream:
+        if prefill_s is None:  # the first token comes out of the prefill
+            prefill_s = time.perf_counter() - t1
         tokens.append(tok)
-    elapsed = time.perf_counter() - start
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
-    tps = len(tokens) / elapsed if elapsed > 0 else float("inf")
+    total_s = time.perf_counter() - t1
+    if prefill_s is None:  # --max-new-tokens 0: nothing was computed
+        prefill_s = 0.0
+    decode_s = total_s - prefill_s
+    decoded = max(len(tokens) - 1, 0)  # the first token is the prefill's
+    decode_tps = decoded / decode_s if decode_s > 0 else 0.0
+    text = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
     if rank == 0:
         if args.json:
             print(json.dumps({
-                "tokens": tokens, "text": text, "prompt_tokens": int(input_ids.numel()),
-                "tiles": 0 if pixels is None else int(pixels.shape[0]), "seconds": elapsed,
-                "tokens_per_s": tps, "model": folder or "tiny (random weights)", "world_size": world,
+                "tokens": tokens, "text": text, "prompt_tokens": n_prompt, "tiles": tiles,
+                "load_s": load_s, "inputs_s": inputs_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                "seconds": total_s, "decode_tokens_per_s": decode_tps,
+                "tokens_per_s": len(tokens) / total_s if total_s > 0 else 0.0,
+                "model": pipe.source, "world_size": world,
             }))
         else:
             print(text)
-            print(f"[{len(tokens)} tokens in {elapsed:.2f} s, {tps:.1f} tokens/s; prompt {input_ids.numel()} tokens, "
-                  f"{0 if pixels is None else pixels.shape[0]} tiles; model {folder or 'tiny (random weights)'}]",
-                  file=sys.stderr)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+            print(f"[{len(tokens)} tokens; load {load_s:.2f} s, inputs {inputs_s:.2f} s, prefill {prefill_s:.2f} s "
+                  f"({n_prompt} tokens, {tiles} tiles), decode {decode_s:.2f} s ({decode_tps:.1f} tokens/s); "
+                  f"model {pipe.source}]", file=sys.stderr)
     return 0
 
 
 def _maybe_init_distributed(torch):
-    """Under torchrun every rank joins one process group (the inference runtime makes the
-    prefill context-parallel over it); alone, nothing is initialised."""
+    """Under torchrun every rank joins one process group. Generation itself is not yet
+    context-parallel: every rank runs the whole generation and rank 0 prints."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     import torch.distributed as dist
@@ -196,26 +210,49 @@ def _maybe_init_distributed(torch):
 # ------------------------------------------------------------------------------ main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error rule: one line on stderr (not the usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help shows each flag's default (flags that default to unset say so in their help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longvita", description="Long-VITA vision-language models at 128K-1M tokens")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from images/video and a prompt")
-    g.add_argument("--model", help="checkpoint folder (default: the tiny preset with random weights from --seed)")
+    fmt = _DefaultsFormatter
+    p = _Parser(prog="longvita", description="Long-VITA vision-language models at 128K-1M tokens", formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    g = sub.add_parser("generate", help="generate text from images/video and a prompt", formatter_class=fmt)
+    g.add_argument("--model", help="checkpoint folder (unset: the tiny preset with random weights from --seed)")
     g.add_argument("--image", nargs="+", metavar="F", help="image file(s), in order")
     g.add_argument("--video", metavar="F", help="video file (decoded at <= 1 frame per second)")
     g.add_argument("--prompt", default="Describe the image.", help="user text")
-    g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate")
     g.add_argument("--max-tiles", type=int, default=12, help="most tiles per image (dynamic tiling)")
     g.add_argument("--max-frames", type=int, default=4096, help="most video frames")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (and the random default model's weights)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
-    i = sub.add_parser("info", help="versions, devices, native extension and kernel backends")
+    i = sub.add_parser("info", help="versions, devices, native extension and kernel backends", formatter_class=fmt)
     i.set_defaults(func=lambda args: print(info_text()) or 0)
     return p
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 alone): only rank 0 prints errors."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,20 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print("longvita: interrupted", file=sys.stderr)
+        if _rank() == 0:
+            print("longvita: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # user-facing errors: one line, no traceback
         if not _is_user_error(exc):
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"longvita {args.command}: error: {msg}", file=sys.stderr)
+        if _rank() == 0:  # every rank sees the same bad input; say it once
+            print(f"longvita {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_INPUT
 
 
 def _is_user_error(exc: Exception) -> bool:
-    from longvita.model import CheckpointError
-
+    if isinstance(exc, CLIError):  # argument errors: answer without importing torch
+        return True
     from longvita.data import InputError
+    from longvita.model import CheckpointError
 
     return isinstance(exc, (CLIError, CheckpointError, InputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError))
 

@@ -91,3 +91,114 @@ def test_generate_from_saved_checkpoint_with_tokenizer(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert len(json.loads(out)["tokens"]) >= 1
+
+
+# ------------------------------------------------------------------ arguments, before any loading
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["--max-frames", "0"], "--max-frames"),
+    (["--max-tiles", "0"], "--max-tiles"),
+    (["--temperature", "-0.5"], "--temperature"),
+    (["--image", "/nonexistent/pic.png"], "--image"),
+    (["--video", "/nonexistent/clip.mp4"], "--video"),
+    (["--model", "/nonexistent/ckpt"], "--model"),
+])
+def test_bad_arguments_name_the_flag_before_loading(monkeypatch, capsys, flags, named):
+    import longvita.pipeline
+
+    def _must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(longvita.pipeline, "load_pipeline", _must_not_load)
+    code = main(["generate", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and named in err[0], err
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    options = " ".join(out[out.index("options:"):].split())
+    for flag, default in (("--max-new-tokens", "16"), ("--max-tiles", "12"), ("--max-frames", "4096"),
+                          ("--dtype", "float32"), ("--device", "cpu")):
+        entry = options[options.index(flag + " "):]
+        entry = entry[: entry.find(" --", len(flag))]  # up to the next flag
+        assert f"(default: {default})" in entry, (flag, entry)
+
+
+def test_unknown_flag_is_one_line():
+    r = _run("generate", "--bogus")
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--bogus" in r.stderr
+
+
+def test_json_reports_load_prefill_decode_times(capsys):
+    code = main(["generate", "--json", "--max-new-tokens", "3"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    for key in ("load_s", "prefill_s", "decode_s", "decode_tokens_per_s"):
+        assert out[key] >= 0, key
+    assert out["prefill_s"] > 0  # the prefill ran (the first token comes out of it)
+
+
+def test_saved_checkpoint_with_tokenizer_round_trips(tmp_path, capsys):
+    """save_pretrained(tokenizer=...) writes a folder `generate --model` can use as it is."""
+    from longvita.data import build_default_tokenizer
+    from longvita.pipeline import random_demo_model
+
+    tok = build_default_tokenizer()
+    model = random_demo_model(tok.get_vocab_size(), seed=5)
+    model.save_pretrained(str(tmp_path), tokenizer=tok)
+    assert (tmp_path / "tokenizer.json").exists()
+    from longvita.cli import _synthetic_image
+
+    _synthetic_image(1).save(tmp_path / "pic.png")
+    args = ["generate", "--json", "--max-new-tokens", "4", "--seed", "5", "--prompt", "hi", "--image", str(tmp_path / "pic.png")]
+    assert main(args + ["--model", str(tmp_path)]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert main(args) == 0  # the embedded default is the same model (same seed)
+    embedded = json.loads(capsys.readouterr().out)
+    assert from_folder["tokens"] == embedded["tokens"]
+
+
+def test_prompt_longer_than_the_model_is_one_line(tmp_path, capsys):
+    from longvita.data import build_default_tokenizer
+    from longvita.pipeline import random_demo_model
+
+    tok = build_default_tokenizer()
+    model = random_demo_model(tok.get_vocab_size())
+    model.config.text.max_position_embeddings = 64
+    model.save_pretrained(str(tmp_path), tokenizer=tok)
+    code = main(["generate", "--model", str(tmp_path), "--prompt", "x" * 200])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "max_position_embeddings (64)" in err[0], err
+
+
+def test_bad_config_names_the_folder(tmp_path, capsys):
+    from longvita.model import LongVITA, preset
+
+    folder = tmp_path / "my-ckpt"
+    LongVITA(preset("tiny")).save_pretrained(str(folder))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    code = main(["generate", "--model", str(folder)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "my-ckpt" in err[0] and "llama" in err[0], err
+
+
+def test_torchrun_bad_input_prints_once(tmp_path):
+    """Every rank sees the same bad input: the error line appears once, from rank 0."""
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+         "-m", "longvita", "generate", "--image", str(tmp_path / "missing.png")],
+        capture_output=True, text=True, env=e, timeout=300, cwd=tempfile.gettempdir(),
+    )
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "longvita generate: error:" in ln]
+    assert len(lines) == 1 and "missing.png" in lines[0], r.stderr

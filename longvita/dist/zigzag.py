@@ -1,4 +1,4 @@
-"""Zigzag sharding of packed sequences for context parallelism (DESIGN.md, "Zigzag rule").
+"""Zigzag sharding of packed sequences for context parallelism (docs/architecture.md, "Distributed").
 
 With P ranks, every document of a packed sequence is padded at its end to a multiple
 of 2P tokens and cut into 2P equal chunks; rank r keeps chunks r and 2P-1-r of every

@@ -56,9 +56,9 @@ def _pair(x) -> int:
 
 def _vision_config(d: dict, select_layer: int) -> VisionConfig:
     if d.get("use_qk_norm") or d.get("qk_normalization"):
-        raise CheckpointError("vision encoders with QK normalisation (InternViT-6B) are not supported")
+        raise ValueError("vision encoders with QK normalisation (InternViT-6B) are not supported")
     if d.get("norm_type", "layer_norm") != "layer_norm":
-        raise CheckpointError(f"vision norm_type {d.get('norm_type')!r} is not supported (only layer_norm)")
+        raise ValueError(f"vision norm_type {d.get('norm_type')!r} is not supported (only layer_norm)")
     return VisionConfig(
         hidden_size=d["hidden_size"],
         num_layers=d["num_hidden_layers"],
@@ -75,6 +75,7 @@ def _vision_config(d: dict, select_layer: int) -> VisionConfig:
 
 
 def detect_layout(cfg: dict) -> str:
+    """Which of the three layouts a config.json describes (ValueError if none)."""
     mt = cfg.get("model_type")
     if mt == "internvl":
         return "transformers"
@@ -82,7 +83,7 @@ def detect_layout(cfg: dict) -> str:
         return "long_vita"
     if mt == "internvl_chat" or "llm_config" in cfg:
         return "internvl_chat"
-    raise CheckpointError(f"config.json: unknown model_type {mt!r} (expected internvl, long_vita or internvl_chat)")
+    raise ValueError(f"unknown model_type {mt!r} (expected internvl, long_vita or internvl_chat)")
 
 
 def config_from_dict(cfg: dict, layout: str) -> LongVITAConfig:
@@ -114,7 +115,6 @@ def config_from_dict(cfg: dict, layout: str) -> LongVITAConfig:
 
 # ------------------------------------------------------------------------------ key maps
 
-_VISION_LAYER = r"(?P<layer>\d+)"
 # (pattern on the checkpoint name, replacement in our module tree), first match wins
 _RULES = {
     "transformers": [
@@ -230,12 +230,17 @@ def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
 def load_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device="cpu"):
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    raw_cfg = _read_json(os.path.join(folder, "config.json"))
-    layout = detect_layout(raw_cfg)
+    config_path = os.path.join(folder, "config.json")
+    raw_cfg = _read_json(config_path)
+    # every problem with config.json names the file with its folder: a user with several
+    # checkpoints must see which one is wrong
     try:
+        layout = detect_layout(raw_cfg)
         config = config_from_dict(raw_cfg, layout)
     except KeyError as exc:
-        raise CheckpointError(f"{os.path.join(folder, 'config.json')}: missing field {exc}") from None
+        raise CheckpointError(f"{config_path}: missing field {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
     state, unknown = map_state_dict(read_safetensors(folder), layout)
 
     # the projector's width and biases are whatever the weights say (Long-VITA vs InternVL)
@@ -244,7 +249,10 @@ def load_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device="
         config.projector.bias = "projector.fc1.bias" in state
     if "lm_head.weight" not in state and "text.embed_tokens.weight" in state:
         config.tie_word_embeddings = True
-    config.validate()
+    try:
+        config.validate()
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
 
     with torch.device("meta"):
         model = cls(config)
@@ -335,6 +343,7 @@ def to_transformers_config(config: LongVITAConfig) -> dict:
             "rms_norm_eps": t.rms_norm_eps,
             "hidden_act": t.hidden_act,
             "max_position_embeddings": t.max_position_embeddings,
+            "head_dim": t.head_dim,
             "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
             "tie_word_embeddings": config.tie_word_embeddings,
         },
@@ -348,8 +357,14 @@ def to_transformers_config(config: LongVITAConfig) -> dict:
     return cfg
 
 
-def save_pretrained(model, folder: str, max_shard_bytes: int = 5 * 2**30) -> None:
-    """config.json + model.safetensors (or shards + index) in transformers' InternVL layout.
+# transformers' default shard size ("5GB"), so a folder we write shards like one it writes
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def save_pretrained(model, folder: str, max_shard_bytes: int = MAX_SHARD_BYTES, tokenizer=None) -> None:
+    """config.json + model.safetensors (or shards + index) in transformers' InternVL layout,
+    and ``tokenizer.json`` when a ``tokenizers.Tokenizer`` is given (a folder without it
+    cannot be used by ``longvita generate --model``).
 
     Files are written to temporaries and renamed, so an interrupted save never leaves a
     half-written checkpoint over a good one.
@@ -394,6 +409,8 @@ def save_pretrained(model, folder: str, max_shard_bytes: int = 5 * 2**30) -> Non
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         _write(os.path.join(folder, "model.safetensors.index.json"), lambda p: json.dump(index, open(p, "w"), indent=2))
+    if tokenizer is not None:
+        _write(os.path.join(folder, "tokenizer.json"), lambda p: tokenizer.save(p))
     cfg = to_transformers_config(model.config)
     cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     _write(os.path.join(folder, "config.json"), lambda p: json.dump(cfg, open(p, "w"), indent=2))

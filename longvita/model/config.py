@@ -10,6 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# activation names (transformers' spelling) each module implements; see vision.py, text.py.
+# The projector's GELU is fused into the pixel-shuffle kernel family, which computes the
+# exact (erf) GELU only.
+VISION_ACTIVATIONS = ("gelu",)
+PROJECTOR_ACTIVATIONS = ("gelu",)
+TEXT_ACTIVATIONS = ("silu",)
+
 
 @dataclass
 class VisionConfig:
@@ -62,11 +69,14 @@ class TextConfig:
     qkv_bias: bool = True
     hidden_act: str = "silu"
     max_position_embeddings: int = 1048576
-    head_dim: int | None = None  # None: hidden_size // num_heads
+    # width of one attention head. Qwen2 derives it (hidden_size // num_heads); a config
+    # may also give it explicitly, so None at construction is resolved here and the field
+    # is always an int afterwards (VisionConfig.head_dim means the same thing)
+    head_dim: int | None = None
 
-    @property
-    def attn_head_dim(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_heads
+    def __post_init__(self):
+        if self.head_dim is None and self.num_heads > 0:
+            self.head_dim = self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -99,8 +109,19 @@ class LongVITAConfig:
             )
         if t.num_heads % t.num_kv_heads:
             problems.append(f"text.num_heads ({t.num_heads}) must be divisible by text.num_kv_heads ({t.num_kv_heads})")
-        if t.head_dim is None and t.hidden_size % t.num_heads:
-            problems.append(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
+        if not t.head_dim or t.head_dim <= 0 or t.head_dim % 2:
+            problems.append(f"text.head_dim ({t.head_dim}) must be a positive even number (RoPE rotates pairs)")
+        # the modules implement these activations and no others: a checkpoint asking for
+        # another one must fail here, not compute something else silently
+        for where, act, allowed in (
+            ("vision.hidden_act", v.hidden_act, VISION_ACTIVATIONS),
+            ("projector.hidden_act", p.hidden_act, PROJECTOR_ACTIVATIONS),
+            ("text.hidden_act", t.hidden_act, TEXT_ACTIVATIONS),
+        ):
+            if act not in allowed:
+                problems.append(f"{where} {act!r} is not implemented (supported: {', '.join(allowed)})")
+        if t.max_position_embeddings < 1:
+            problems.append(f"text.max_position_embeddings ({t.max_position_embeddings}) must be >= 1")
         if problems:
             raise ValueError("invalid LongVITAConfig: " + "; ".join(problems))
         return self
@@ -126,7 +147,10 @@ def _tiny() -> LongVITAConfig:
         projector=ProjectorConfig(intermediate_size=48),
         text=TextConfig(
             vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-            intermediate_size=128, max_position_embeddings=32768,
+            # RoPE has no position table, so the limit is only declared; the tiny preset
+            # declares the 14B preset's 1M so a 1M-token library's demo accepts long
+            # prompts (a real checkpoint's limit is read from its config and enforced)
+            intermediate_size=128, max_position_embeddings=1048576,
         ),
     )
 

@@ -84,15 +84,17 @@ class LongVITA(nn.Module):
                 raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length} + {total} do not fit")
             if position_ids is None:
                 position_ids = torch.arange(cache.length, cache.length + total, device=input_ids.device)
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=input_ids.device)
-            max_seqlen = total
-        elif cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync; pass it to avoid
-        if position_ids is None:
-            position_ids = positions_from_cu_seqlens(cu_seqlens, total)
+            # the decoder builds the cache's document offsets itself, once per call
+        else:
+            if cu_seqlens is None:
+                cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=input_ids.device)
+                max_seqlen = total
+            elif cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+                raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync; pass it to avoid
+            if position_ids is None:
+                position_ids = positions_from_cu_seqlens(cu_seqlens, total)
         embeds = self.embed(input_ids, pixel_values)
         return self.text(embeds, position_ids, cu_seqlens, max_seqlen, cache)
 
@@ -135,6 +137,15 @@ class LongVITA(nn.Module):
         )
         return linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid)
 
+    def check_length(self, tokens: int) -> None:
+        """Raise ValueError when one sequence of ``tokens`` positions would pass the
+        model's ``max_position_embeddings`` (checked before any work is done)."""
+        limit = self.config.text.max_position_embeddings
+        if tokens > limit:
+            raise ValueError(
+                f"the sequence needs {tokens} positions but the model's max_position_embeddings is {limit}"
+            )
+
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate(
@@ -153,21 +164,23 @@ class LongVITA(nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty 1-D prompt, got shape {tuple(input_ids.shape)}")
+        self.check_length(input_ids.shape[0] + max_new_tokens)
         dtype = self.text.embed_tokens.weight.dtype
         cache = KVCache.empty(self.config.text, input_ids.shape[0] + max_new_tokens, input_ids.device, dtype)
         last = torch.tensor([input_ids.shape[0] - 1], device=input_ids.device)
         logits = self(input_ids, pixel_values, cache=cache, logits_index=last)
         zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if temperature > 0:
                 probs = torch.softmax(logits[-1].float() / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
             else:
                 token = int(logits[-1].argmax())
             yield token
-            if eos_token_id is not None and token == eos_token_id:
-                return
-            if cache.length >= cache.capacity:
+            # the last token needs no forward of its own: stop before computing its logits
+            if step == max_new_tokens - 1 or (eos_token_id is not None and token == eos_token_id):
                 return
             logits = self(torch.tensor([token], device=input_ids.device), cache=cache, logits_index=zero)
 
@@ -180,8 +193,10 @@ class LongVITA(nn.Module):
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write ``config.json`` + safetensors in transformers' InternVL layout."""
-        from longvita.model.checkpoint import save_pretrained
+    def save_pretrained(self, path: str, max_shard_bytes: int | None = None, tokenizer=None) -> None:
+        """Write ``config.json`` + safetensors in transformers' InternVL layout, and
+        ``tokenizer.json`` when a ``tokenizers.Tokenizer`` is given, so that the folder
+        works with ``from_pretrained`` and ``longvita generate --model``."""
+        from longvita.model.checkpoint import MAX_SHARD_BYTES, save_pretrained
 
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES, tokenizer=tokenizer)

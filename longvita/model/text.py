@@ -55,7 +55,7 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: TextConfig, capacity: int, device, dtype) -> "KVCache":
-        shape = (capacity, cfg.num_kv_heads, cfg.attn_head_dim)
+        shape = (capacity, cfg.num_kv_heads, cfg.head_dim)
         return cls(
             k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
             v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
@@ -66,32 +66,52 @@ class KVCache:
         return self.k[0].shape[0]
 
 
+@dataclass
+class Seqlens:
+    """Document offsets of one forward, shared by every layer: built once per forward
+    (once per decoded token), never per layer. int32 ``cu_seqlens_q``/``cu_seqlens_k``
+    and their longest documents as Python ints (no host sync inside the layers)."""
+
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @classmethod
+    def packed(cls, cu_seqlens: torch.Tensor, max_seqlen: int) -> "Seqlens":
+        return cls(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+    @classmethod
+    def cached(cls, new_tokens: int, cache_end: int, device) -> "Seqlens":
+        """``new_tokens`` queries of one sequence against the cache's first ``cache_end`` keys."""
+        cu = torch.tensor([0, new_tokens, 0, cache_end], dtype=torch.int32, device=device)  # one copy
+        return cls(cu[:2], cu[2:], new_tokens, cache_end)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.attn_head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache: KVCache | None = None, layer_idx: int = 0):
+    def forward(self, x, cos, sin, seqlens: Seqlens, cache: KVCache | None = None, layer_idx: int = 0):
         n = x.shape[0]
         q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
         k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        if cache is None:
-            out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
-        else:
+        if cache is not None:
             # one sequence: append to the cache, attend to all of it (bottom-right causal)
             start, end = cache.length, cache.length + n
             cache.k[layer_idx][start:end] = k
             cache.v[layer_idx][start:end] = v
-            cu_q = torch.tensor([0, n], dtype=torch.int32, device=x.device)
-            cu_k = torch.tensor([0, end], dtype=torch.int32, device=x.device)
-            out = varlen_attention(
-                q, cache.k[layer_idx][:end], cache.v[layer_idx][:end], cu_q, cu_k, n, end, causal=True
-            )
+            k, v = cache.k[layer_idx][:end], cache.v[layer_idx][:end]
+        out = varlen_attention(
+            q, k, v, seqlens.cu_seqlens_q, seqlens.cu_seqlens_k, seqlens.max_seqlen_q, seqlens.max_seqlen_k,
+            causal=True,
+        )
         return self.o_proj(out.reshape(n, -1))
 
 
@@ -114,8 +134,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer_idx)
+    def forward(self, x, cos, sin, seqlens: Seqlens, cache=None, layer_idx=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, seqlens, cache, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -131,10 +151,16 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, inputs_embeds, position_ids, cu_seqlens, max_seqlen, cache: KVCache | None = None):
-        cos, sin = rope_cos_sin(position_ids, self.cfg.attn_head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        n = inputs_embeds.shape[0]
+        # RoPE tables and document offsets are the same for every layer: build them once
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
+        if cache is None:
+            seqlens = Seqlens.packed(cu_seqlens, max_seqlen)
+        else:
+            seqlens = Seqlens.cached(n, cache.length + n, inputs_embeds.device)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
+            x = layer(x, cos, sin, seqlens, cache, i)
         if cache is not None:
             cache.length += inputs_embeds.shape[0]
         return self.norm(x)

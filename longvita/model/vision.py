@@ -41,15 +41,20 @@ class VisionMLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+# InternViT's layer_scale_init_value: the value a freshly built model starts from (real
+# checkpoints overwrite it; transformers' InternVLVisionConfig uses the same default)
+LAYER_SCALE_INIT = 0.1
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = VisionAttention(cfg)
-        self.ls1 = nn.Parameter(torch.full((cfg.hidden_size,), 0.1))
+        self.ls1 = nn.Parameter(torch.full((cfg.hidden_size,), LAYER_SCALE_INIT))
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = VisionMLP(cfg)
-        self.ls2 = nn.Parameter(torch.full((cfg.hidden_size,), 0.1))
+        self.ls2 = nn.Parameter(torch.full((cfg.hidden_size,), LAYER_SCALE_INIT))
 
     def forward(self, x, cu_seqlens, max_seqlen):
         x = x + self.ls1 * self.attn(self.norm1(x), cu_seqlens, max_seqlen)

@@ -1,0 +1,100 @@
+"""Configs say what the code does; the decoder's per-step work; the model + tokenizer binding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longvita.model import CheckpointError, LongVITA, TextConfig, preset
+
+
+def test_text_head_dim_is_always_resolved():
+    assert TextConfig(hidden_size=64, num_heads=4).head_dim == 16
+    assert TextConfig(hidden_size=64, num_heads=4, head_dim=32).head_dim == 32  # explicit (Qwen3-style)
+    cfg = preset("tiny")
+    assert cfg.text.head_dim == cfg.text.hidden_size // cfg.text.num_heads
+    assert cfg.vision.head_dim == cfg.vision.hidden_size // cfg.vision.num_heads
+
+
+def test_explicit_head_dim_builds_and_round_trips(tmp_path):
+    cfg = preset("tiny")
+    cfg.text.head_dim = 24  # 4 heads x 24 = 96, wider than hidden 64
+    model = LongVITA(cfg.validate()).eval()
+    assert model.text.layers[0].self_attn.q_proj.weight.shape == (4 * 24, 64)
+    model.save_pretrained(str(tmp_path))
+    again = LongVITA.from_pretrained(str(tmp_path))
+    assert again.config.text.head_dim == 24
+    ids = torch.randint(0, 500, (9,))
+    with torch.no_grad():
+        assert torch.allclose(model(ids), again(ids))
+
+
+@pytest.mark.parametrize("where,value", [("vision", "relu"), ("projector", "gelu_pytorch_tanh"), ("text", "gelu")])
+def test_unimplemented_activation_is_rejected(where, value):
+    cfg = preset("tiny")
+    setattr(getattr(cfg, where), "hidden_act", value)
+    with pytest.raises(ValueError, match=f"{where}.hidden_act '{value}' is not implemented"):
+        cfg.validate()
+
+
+def test_checkpoint_with_unimplemented_activation_names_the_file(tmp_path):
+    folder = tmp_path / "ckpt"
+    LongVITA(preset("tiny")).save_pretrained(str(folder))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["text_config"]["hidden_act"] = "gelu_new"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"ckpt.config\.json.*gelu_new"):
+        LongVITA.from_pretrained(str(folder))
+
+
+def test_generate_rejects_an_empty_prompt():
+    model = LongVITA(preset("tiny")).eval()
+    with pytest.raises(ValueError, match="non-empty"):
+        next(model.generate(torch.zeros(0, dtype=torch.long)))
+
+
+def test_generate_rejects_a_prompt_past_max_positions():
+    cfg = preset("tiny")
+    cfg.text.max_position_embeddings = 20
+    model = LongVITA(cfg).eval()
+    with pytest.raises(ValueError, match="max_position_embeddings is 20"):
+        next(model.generate(torch.zeros(15, dtype=torch.long), max_new_tokens=6))
+    assert len(list(model.generate(torch.zeros(15, dtype=torch.long), max_new_tokens=5))) == 5
+
+
+def test_decode_builds_document_offsets_once_per_step_not_per_layer(monkeypatch):
+    from longvita.model import text
+
+    calls = []
+    real = text.Seqlens.cached.__func__
+
+    def counting(cls, *a, **k):
+        calls.append(a)
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(text.Seqlens, "cached", classmethod(counting))
+    model = LongVITA(preset("tiny")).eval()
+    assert model.config.text.num_layers >= 2
+    tokens = list(model.generate(torch.randint(0, 500, (7,)), max_new_tokens=4))
+    # one prefill + one forward per token after the first (the last token needs none):
+    # never one per layer
+    assert len(calls) == len(tokens) == 4
+    assert [c[:2] for c in calls] == [(7, 7), (1, 8), (1, 9), (1, 10)]
+
+
+def test_bind_tokenizer_sets_placeholder_ids_and_checks_the_vocabulary():
+    from longvita.data import build_default_tokenizer
+    from longvita.pipeline import bind_tokenizer
+
+    tok = build_default_tokenizer()
+    cfg = preset("tiny")
+    cfg.text.vocab_size = tok.get_vocab_size()
+    model = LongVITA(cfg)
+    special = bind_tokenizer(model, tok)
+    assert model.config.image_token_ids == special.context_token_ids and len(special.context_token_ids) == 3
+    small = preset("tiny")
+    small.text.vocab_size = 100
+    with pytest.raises(ValueError, match="vocabulary has 100 rows"):
+        bind_tokenizer(LongVITA(small), tok)
