@@ -65,23 +65,70 @@ def test_generate_rejects_a_prompt_past_max_positions():
 
 
 def test_decode_builds_document_offsets_once_per_step_not_per_layer(monkeypatch):
-    from longvita.model import text
+    from longvita.model import attention
 
-    calls = []
-    real = text.Seqlens.cached.__func__
+    made = []
+    real_init = attention.CachedAttention.__init__
 
-    def counting(cls, *a, **k):
-        calls.append(a)
-        return real(cls, *a, **k)
+    def counting_init(self, cache, new_tokens, device):
+        made.append((new_tokens, cache.length + new_tokens))
+        real_init(self, cache, new_tokens, device)
 
-    monkeypatch.setattr(text.Seqlens, "cached", classmethod(counting))
+    monkeypatch.setattr(attention.CachedAttention, "__init__", counting_init)
     model = LongVITA(preset("tiny")).eval()
     assert model.config.text.num_layers >= 2
     tokens = list(model.generate(torch.randint(0, 500, (7,)), max_new_tokens=4))
     # one prefill + one forward per token after the first (the last token needs none):
     # never one per layer
-    assert len(calls) == len(tokens) == 4
-    assert [c[:2] for c in calls] == [(7, 7), (1, 8), (1, 9), (1, 10)]
+    assert len(tokens) == 4
+    assert made == [(7, 7), (1, 8), (1, 9), (1, 10)]
+
+
+def test_inputs_embeds_and_place_media_equal_the_pixel_path():
+    """Media encoded elsewhere and placed into the embeddings give the same logits."""
+    cfg = preset("tiny")
+    cfg.image_token_ids = (500,)
+    model = LongVITA(cfg).eval()
+    n = cfg.tokens_per_tile
+    ids = torch.cat([torch.randint(0, 400, (5,)), torch.full((2 * n,), 500), torch.randint(0, 400, (3,))])
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        want = model(ids, pixels)
+        tiles = model.image_embeddings(pixels)  # (2 * n, hidden): "computed elsewhere"
+        slots = model.media_mask(ids).nonzero().squeeze(1)
+        embeds = LongVITA.place_media(model.text.embed_tokens(ids), slots, tiles)
+        got = model(inputs_embeds=embeds)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(ids, inputs_embeds=embeds)
+
+
+def test_custom_attention_is_called_by_every_layer():
+    """The decoder's attention is pluggable from outside the model."""
+    from longvita.model import PackedAttention
+
+    class Spy(PackedAttention):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.layers, self.finished = [], 0
+
+        def attend(self, layer_idx, q, k, v):
+            self.layers.append(layer_idx)
+            return super().attend(layer_idx, q, k, v)
+
+        def finish(self):
+            self.finished += 1
+
+    model = LongVITA(preset("tiny")).eval()
+    ids = torch.randint(0, 500, (11,))
+    spy = Spy(torch.tensor([0, 11], dtype=torch.int32), 11)
+    with torch.no_grad():
+        got = model(ids, attention=spy, position_ids=torch.arange(11))
+        want = model(ids)
+    assert spy.layers == list(range(model.config.text.num_layers)) and spy.finished == 1
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="position_ids are required"):
+        model(ids, attention=spy)
 
 
 def test_bind_tokenizer_sets_placeholder_ids_and_checks_the_vocabulary():

@@ -16,7 +16,8 @@ import torch.nn as nn
 from longvita.kernels import gather_logits, linear_cross_entropy
 from longvita.model.config import LongVITAConfig
 from longvita.model.projector import Projector
-from longvita.model.text import KVCache, TextDecoder
+from longvita.model.attention import CachedAttention, DecoderAttention, KVCache, PackedAttention
+from longvita.model.text import TextDecoder
 from longvita.model.vision import VisionEncoder
 
 
@@ -46,13 +47,13 @@ class LongVITA(nn.Module):
         return self.projector(features).flatten(0, 1)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (tokens, hidden) with the tiles' projected embeddings in the
+        image-context slots, in order. Every slot must have its tile: for media encoded
+        elsewhere (another rank, a chunk, a cache) use ``place_media`` and ``inputs_embeds=``."""
         embeds = self.text.embed_tokens(input_ids)  # (tokens, hidden)
         if pixel_values is None:
             return embeds
-        if not self.config.image_token_ids:
-            raise ValueError("pixel_values given but config.image_token_ids is empty: set the placeholder token ids")
-        ids = torch.tensor(self.config.image_token_ids, device=input_ids.device)
-        mask = torch.isin(input_ids, ids)
+        mask = self.media_mask(input_ids)
         image_embeds = self.image_embeddings(pixel_values).to(embeds.dtype)
         n_slots = int(mask.sum())
         if n_slots != image_embeds.shape[0]:
@@ -62,32 +63,67 @@ class LongVITA(nn.Module):
             )
         return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
 
+    def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool (tokens,): which tokens are image/video-context slots."""
+        if not self.config.image_token_ids:
+            raise ValueError("config.image_token_ids is empty: bind a tokenizer (longvita.pipeline) or set the placeholder ids")
+        ids = torch.tensor(self.config.image_token_ids, device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    @staticmethod
+    def place_media(embeds: torch.Tensor, slots: torch.Tensor, media_embeds: torch.Tensor) -> torch.Tensor:
+        """Put precomputed media embeddings into token embeddings: row ``slots[i]`` of
+        ``embeds`` (tokens, hidden) becomes ``media_embeds[i]``; returns a new tensor."""
+        if slots.dim() != 1 or media_embeds.dim() != 2 or slots.shape[0] != media_embeds.shape[0]:
+            raise ValueError(
+                f"slots (n,) and media_embeds (n, hidden) must pair up, got {tuple(slots.shape)} and {tuple(media_embeds.shape)}"
+            )
+        return embeds.index_copy(0, slots.long(), media_embeds.to(embeds.dtype))
+
     # ------------------------------------------------------------------ forward
     def hidden_states(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         cache: KVCache | None = None,
+        attention: DecoderAttention | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (tokens, hidden) of the packed input."""
-        if input_ids.dim() != 1:
-            raise ValueError(f"input_ids must be 1-D (all packed tokens), got shape {tuple(input_ids.shape)}")
-        total = input_ids.shape[0]
-        if cache is not None:
-            if cu_seqlens is not None:
-                raise ValueError("cu_seqlens cannot be combined with a KV cache (one sequence per cache)")
-            if cache.length + total > cache.capacity:
-                raise ValueError(f"KV cache holds {cache.capacity} tokens; {cache.length} + {total} do not fit")
+        """Final-norm hidden states (tokens, hidden) of the packed input.
+
+        Give ``input_ids`` (and ``pixel_values``), or ``inputs_embeds`` (tokens, hidden)
+        already embedded. Attention is causal within the documents of ``cu_seqlens``
+        (default: one document), or through ``cache``, or whatever ``attention`` does (a
+        ``DecoderAttention`` built outside, e.g. context-parallel by ``longvita.dist``:
+        then ``position_ids`` are required)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if pixel_values is not None:
+                raise ValueError("pixel_values cannot be combined with inputs_embeds (place media with place_media)")
+            if inputs_embeds.dim() != 2:
+                raise ValueError(f"inputs_embeds must be 2-D (tokens, hidden), got shape {tuple(inputs_embeds.shape)}")
+            total, device = inputs_embeds.shape[0], inputs_embeds.device
+        else:
+            if input_ids.dim() != 1:
+                raise ValueError(f"input_ids must be 1-D (all packed tokens), got shape {tuple(input_ids.shape)}")
+            total, device = input_ids.shape[0], input_ids.device
+        if sum(x is not None for x in (cu_seqlens, cache, attention)) > 1:
+            raise ValueError("give at most one of cu_seqlens, cache and attention")
+        if attention is not None:
             if position_ids is None:
-                position_ids = torch.arange(cache.length, cache.length + total, device=input_ids.device)
-            # the decoder builds the cache's document offsets itself, once per call
+                raise ValueError("position_ids are required with a custom attention")
+        elif cache is not None:
+            attention = CachedAttention(cache, total, device)  # checks the capacity
+            if position_ids is None:
+                position_ids = torch.arange(cache.length, cache.length + total, device=device)
         else:
             if cu_seqlens is None:
-                cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=input_ids.device)
+                cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=device)
                 max_seqlen = total
             elif cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
                 raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
@@ -95,24 +131,29 @@ class LongVITA(nn.Module):
                 max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync; pass it to avoid
             if position_ids is None:
                 position_ids = positions_from_cu_seqlens(cu_seqlens, total)
-        embeds = self.embed(input_ids, pixel_values)
-        return self.text(embeds, position_ids, cu_seqlens, max_seqlen, cache)
+            attention = PackedAttention(cu_seqlens, max_seqlen)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.text(inputs_embeds, position_ids, attention)
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         logits_index: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        attention: DecoderAttention | None = None,
     ) -> torch.Tensor:
-        """Logits (rows, vocab): all rows, or only ``logits_index`` (gather, then project)."""
+        """Logits (rows, vocab): all rows, or only ``logits_index`` (gather, then project).
+        Inputs as for ``hidden_states``."""
         hidden = self.hidden_states(
-            input_ids, pixel_values, position_ids=position_ids, cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen, cache=cache,
+            input_ids, pixel_values, inputs_embeds=inputs_embeds, position_ids=position_ids,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, attention=attention,
         )
         if logits_index is None:
             return self.lm_head(hidden)

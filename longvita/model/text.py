@@ -4,13 +4,11 @@ checkpoints map one to one."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from longvita.kernels import varlen_attention
+from longvita.model.attention import DecoderAttention
 from longvita.model.config import TextConfig
 
 
@@ -42,52 +40,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-@dataclass
-class KVCache:
-    """Keys/values of one sequence for every layer, preallocated to ``capacity`` tokens.
-
-    Decoding appends one token per step; the prefix is never recomputed.
-    """
-
-    k: list[torch.Tensor]
-    v: list[torch.Tensor]
-    length: int = 0
-
-    @classmethod
-    def empty(cls, cfg: TextConfig, capacity: int, device, dtype) -> "KVCache":
-        shape = (capacity, cfg.num_kv_heads, cfg.head_dim)
-        return cls(
-            k=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
-            v=[torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)],
-        )
-
-    @property
-    def capacity(self) -> int:
-        return self.k[0].shape[0]
-
-
-@dataclass
-class Seqlens:
-    """Document offsets of one forward, shared by every layer: built once per forward
-    (once per decoded token), never per layer. int32 ``cu_seqlens_q``/``cu_seqlens_k``
-    and their longest documents as Python ints (no host sync inside the layers)."""
-
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_k: int
-
-    @classmethod
-    def packed(cls, cu_seqlens: torch.Tensor, max_seqlen: int) -> "Seqlens":
-        return cls(cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-
-    @classmethod
-    def cached(cls, new_tokens: int, cache_end: int, device) -> "Seqlens":
-        """``new_tokens`` queries of one sequence against the cache's first ``cache_end`` keys."""
-        cu = torch.tensor([0, new_tokens, 0, cache_end], dtype=torch.int32, device=device)  # one copy
-        return cls(cu[:2], cu[2:], new_tokens, cache_end)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -97,21 +49,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, seqlens: Seqlens, cache: KVCache | None = None, layer_idx: int = 0):
+    def forward(self, x, cos, sin, attention: DecoderAttention, layer_idx: int):
         n = x.shape[0]
         q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
         k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        if cache is not None:
-            # one sequence: append to the cache, attend to all of it (bottom-right causal)
-            start, end = cache.length, cache.length + n
-            cache.k[layer_idx][start:end] = k
-            cache.v[layer_idx][start:end] = v
-            k, v = cache.k[layer_idx][:end], cache.v[layer_idx][:end]
-        out = varlen_attention(
-            q, k, v, seqlens.cu_seqlens_q, seqlens.cu_seqlens_k, seqlens.max_seqlen_q, seqlens.max_seqlen_k,
-            causal=True,
-        )
+        out = attention.attend(layer_idx, q, k, v)  # (tokens, heads, head_dim)
         return self.o_proj(out.reshape(n, -1))
 
 
@@ -134,8 +77,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, seqlens: Seqlens, cache=None, layer_idx=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, seqlens, cache, layer_idx)
+    def forward(self, x, cos, sin, attention: DecoderAttention, layer_idx: int):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -150,17 +93,13 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, inputs_embeds, position_ids, cu_seqlens, max_seqlen, cache: KVCache | None = None):
-        n = inputs_embeds.shape[0]
-        # RoPE tables and document offsets are the same for every layer: build them once
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, attention: DecoderAttention):
+        """inputs_embeds (tokens, hidden), position_ids (tokens,) -> final-norm hidden states.
+        ``attention`` serves every layer of this forward (see ``attention.py``)."""
+        # RoPE tables are the same for every layer: build them once
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
-        if cache is None:
-            seqlens = Seqlens.packed(cu_seqlens, max_seqlen)
-        else:
-            seqlens = Seqlens.cached(n, cache.length + n, inputs_embeds.device)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, seqlens, cache, i)
-        if cache is not None:
-            cache.length += inputs_embeds.shape[0]
+            x = layer(x, cos, sin, attention, i)
+        attention.finish()
         return self.norm(x)
