@@ -145,3 +145,72 @@ def test_bind_tokenizer_sets_placeholder_ids_and_checks_the_vocabulary():
     small.text.vocab_size = 100
     with pytest.raises(ValueError, match="vocabulary has 100 rows"):
         bind_tokenizer(LongVITA(small), tok)
+
+
+def _media_prompt(cfg, n_tiles: int, text=(6, 5, 4)):
+    """Text, n_tiles tiles of context tokens (one slot id), text: a prompt with media."""
+    n = cfg.tokens_per_tile
+    parts = [torch.randint(0, 400, (text[0],))]
+    for t in range(n_tiles):
+        parts += [torch.full((n,), 500), torch.randint(0, 400, (text[1 + t % 2],))]
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunked_prefill_equals_unchunked(chunk):
+    """Chunks that cut through tiles (tokens_per_tile = 4 in tiny) give the same tokens."""
+    cfg = preset("tiny")
+    cfg.image_token_ids = (500,)
+    model = LongVITA(cfg).double().eval()
+    ids = _media_prompt(cfg, 3)
+    pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, dtype=torch.float64)
+    want = list(model.generate(ids, pixels, max_new_tokens=5))
+    got = list(model.generate(ids, pixels, max_new_tokens=5, prefill_chunk=chunk))
+    assert got == want
+    # and the same as recomputing the whole sequence at every step (no cache at all)
+    seq = ids.tolist()
+    with torch.no_grad():
+        for tok in want:
+            assert int(model(torch.tensor(seq), pixels)[-1].argmax()) == tok
+            seq.append(tok)
+
+
+def test_embed_rows_encodes_only_the_tiles_it_needs():
+    cfg = preset("tiny")
+    cfg.image_token_ids = (500,)
+    model = LongVITA(cfg).eval()
+    ids = _media_prompt(cfg, 4)
+    pixels = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size)
+    seen = []
+    real = model.image_embeddings
+    model.image_embeddings = lambda p: (seen.append(p.shape[0]), real(p))[1]
+    with torch.no_grad():
+        full = model.embed(ids, pixels)
+        seen.clear()
+        mask = model.media_mask(ids)
+        second_tile = mask.nonzero().squeeze(1)[cfg.tokens_per_tile : 2 * cfg.tokens_per_tile]
+        rows = torch.cat([torch.arange(0, 3), second_tile[1:3]])  # text + part of tile 1
+        got, n_tiles = model.embed_rows(ids, pixels, rows, tiles_per_chunk=1)
+    assert n_tiles == 1 and seen == [1]
+    assert torch.allclose(got, full[rows], atol=1e-6)
+    with torch.no_grad():
+        seen.clear()
+        got, n_tiles = model.embed_rows(ids, pixels, torch.arange(ids.numel()), tiles_per_chunk=3)
+    assert n_tiles == 4 and seen == [3, 1]  # bounded chunks of tiles
+    assert torch.allclose(got, full, atol=1e-6)
+
+
+def test_sampling_filters():
+    from longvita.model import Sampling
+
+    logits = torch.tensor([0.0, 5.0, 4.9, 1.0, -3.0])
+    assert Sampling()(logits) == 1
+    g = torch.Generator().manual_seed(0)
+    draws = {Sampling(1.0, top_k=2)(logits, g) for _ in range(200)}
+    assert draws == {1, 2}
+    # top_p: tokens 1 and 2 hold ~99% of the mass; 0.5 keeps only the first
+    assert {Sampling(1.0, top_p=0.5)(logits, g) for _ in range(50)} == {1}
+    assert {Sampling(1.0, top_p=0.9)(logits, g) for _ in range(200)} == {1, 2}
+    for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)

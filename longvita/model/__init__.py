@@ -10,10 +10,11 @@ from longvita.model.config import (  # noqa: F401
     preset,
 )
 from longvita.model.longvita import LongVITA, positions_from_cu_seqlens  # noqa: F401
+from longvita.model.sampling import Sampling  # noqa: F401
 from longvita.model.attention import CachedAttention, DecoderAttention, KVCache, PackedAttention  # noqa: F401
 
 __all__ = [
     "LongVITA", "LongVITAConfig", "VisionConfig", "ProjectorConfig", "TextConfig", "preset",
     "KVCache", "CheckpointError", "positions_from_cu_seqlens",
-    "DecoderAttention", "PackedAttention", "CachedAttention",
+    "DecoderAttention", "PackedAttention", "CachedAttention", "Sampling",
 ]

@@ -16,6 +16,7 @@ import torch.nn as nn
 from longvita.kernels import gather_logits, linear_cross_entropy
 from longvita.model.config import LongVITAConfig
 from longvita.model.projector import Projector
+from longvita.model.sampling import Sampling
 from longvita.model.attention import CachedAttention, DecoderAttention, KVCache, PackedAttention
 from longvita.model.text import TextDecoder
 from longvita.model.vision import VisionEncoder
@@ -188,6 +189,50 @@ class LongVITA(nn.Module):
             )
 
     # ------------------------------------------------------------------ generation
+    def embed_rows(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        rows: torch.Tensor,
+        *,
+        tiles_per_chunk: int = 64,
+    ) -> tuple[torch.Tensor, int]:
+        """Embeddings of the tokens ``input_ids[rows]`` with their media, encoding only the
+        tiles whose context tokens are among ``rows`` (a tile cut by the edge of ``rows``
+        is encoded whole), ``tiles_per_chunk`` tiles at a time, so vision activations stay
+        bounded whatever the number of tiles. ``pixel_values`` may stay on the CPU: each
+        chunk moves to the model's device when it is encoded.
+
+        input_ids: (total,) the whole prompt; rows: (n,) int64 indices into it.
+        Returns ((n, hidden) embeddings, number of tiles encoded)."""
+        if tiles_per_chunk < 1:
+            raise ValueError(f"tiles_per_chunk must be >= 1, got {tiles_per_chunk}")
+        embeds = self.text.embed_tokens(input_ids.index_select(0, rows))  # (n, hidden)
+        if pixel_values is None:
+            return embeds, 0
+        tpt = self.config.tokens_per_tile
+        mask = self.media_mask(input_ids)
+        slot_of = torch.cumsum(mask, 0) - 1  # (total,) the slot number of every media token
+        n_slots = int(mask.sum())
+        if n_slots != pixel_values.shape[0] * tpt:
+            raise ValueError(
+                f"input_ids hold {n_slots} image-context tokens but pixel_values give "
+                f"{pixel_values.shape[0] * tpt} ({pixel_values.shape[0]} tiles x {tpt} tokens per tile)"
+            )
+        local = mask.index_select(0, rows).nonzero().squeeze(1)  # positions in `rows` that are media
+        if local.numel() == 0:
+            return embeds, 0
+        slots = slot_of.index_select(0, rows.index_select(0, local))
+        tiles, which = torch.unique(slots // tpt, return_inverse=True)  # sorted tiles to encode
+        dev = embeds.device
+        out = torch.empty(tiles.numel() * tpt, embeds.shape[1], dtype=embeds.dtype, device=dev)
+        for start in range(0, tiles.numel(), tiles_per_chunk):
+            chunk = tiles[start : start + tiles_per_chunk]
+            pixels = pixel_values.index_select(0, chunk.to(pixel_values.device)).to(dev, self.vision.patch_embed.weight.dtype)
+            out[start * tpt : (start + chunk.numel()) * tpt] = self.image_embeddings(pixels).to(embeds.dtype)
+        media = out.index_select(0, which * tpt + slots % tpt)
+        return self.place_media(embeds, local, media), int(tiles.numel())
+
     @torch.inference_mode()
     def generate(
         self,
@@ -197,33 +242,45 @@ class LongVITA(nn.Module):
         max_new_tokens: int = 32,
         eos_token_id: int | None = None,
         temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        prefill_chunk: int | None = None,
     ) -> Iterator[int]:
         """Yield new token ids of one sequence: prefill once, then KV-cached decode.
 
-        Only the last position reaches the LM head at every step. ``temperature=0`` is greedy.
+        Only the last position reaches the LM head at every step. ``temperature=0`` is
+        greedy; otherwise ``top_k``/``top_p`` filter and ``generator`` draws.
+        ``prefill_chunk=N`` runs the prompt through the cache N tokens at a time (media
+        included), so activation memory is bounded by N, not by the prompt.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if input_ids.dim() != 1 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty 1-D prompt, got shape {tuple(input_ids.shape)}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        sample = Sampling(temperature, top_k, top_p)
         self.check_length(input_ids.shape[0] + max_new_tokens)
+        total, device = input_ids.shape[0], input_ids.device
         dtype = self.text.embed_tokens.weight.dtype
-        cache = KVCache.empty(self.config.text, input_ids.shape[0] + max_new_tokens, input_ids.device, dtype)
-        last = torch.tensor([input_ids.shape[0] - 1], device=input_ids.device)
-        logits = self(input_ids, pixel_values, cache=cache, logits_index=last)
-        zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        cache = KVCache.empty(self.config.text, total + max_new_tokens, device, dtype)
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        if prefill_chunk is None:
+            logits = self(input_ids, pixel_values, cache=cache, logits_index=torch.tensor([total - 1], device=device))
+        else:
+            for start in range(0, total, prefill_chunk):
+                rows = torch.arange(start, min(start + prefill_chunk, total), device=device)
+                embeds, _ = self.embed_rows(input_ids, pixel_values, rows)
+                hidden = self.hidden_states(inputs_embeds=embeds, cache=cache)
+            logits = gather_logits(hidden, self.lm_head.weight, torch.tensor([hidden.shape[0] - 1], device=device))
         for step in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits[-1].float() / temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            else:
-                token = int(logits[-1].argmax())
+            token = sample(logits[-1], generator)
             yield token
             # the last token needs no forward of its own: stop before computing its logits
             if step == max_new_tokens - 1 or (eos_token_id is not None and token == eos_token_id):
                 return
-            logits = self(torch.tensor([token], device=input_ids.device), cache=cache, logits_index=zero)
+            logits = self(torch.tensor([token], device=device), cache=cache, logits_index=zero)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
