@@ -157,21 +157,30 @@ def _media_prompt(cfg, n_tiles: int, text=(6, 5, 4)):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
-def test_chunked_prefill_equals_unchunked(chunk):
+def test_chunked_prefill_equals_unchunked(chunk, monkeypatch):
     """Chunks that cut through tiles (tokens_per_tile = 4 in tiny) give the same tokens."""
     cfg = preset("tiny")
     cfg.image_token_ids = (500,)
     model = LongVITA(cfg).double().eval()
     ids = _media_prompt(cfg, 3)
     pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, dtype=torch.float64)
+    from longvita.model import Sampling
+
+    rows = []  # every logit row generate chooses from: tokens alone can hide a wrong prefill
+    real_call = Sampling.__call__
+    monkeypatch.setattr(Sampling, "__call__", lambda self, logits, g=None: (rows.append(logits.clone()), real_call(self, logits, g))[1])
     want = list(model.generate(ids, pixels, max_new_tokens=5))
+    want_rows, rows[:] = list(rows), []
     got = list(model.generate(ids, pixels, max_new_tokens=5, prefill_chunk=chunk))
     assert got == want
+    for a, b in zip(rows, want_rows, strict=True):
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-12
     # and the same as recomputing the whole sequence at every step (no cache at all)
     seq = ids.tolist()
     with torch.no_grad():
-        for tok in want:
-            assert int(model(torch.tensor(seq), pixels)[-1].argmax()) == tok
+        for tok, row in zip(want, want_rows):
+            full = model(torch.tensor(seq), pixels)[-1]
+            assert int(full.argmax()) == tok and ((full - row).abs().max() / row.abs().max()).item() < 1e-12
             seq.append(tok)
 
 

@@ -1,0 +1,170 @@
+"""Context-parallel generation (zigzag prefill with ring attention, sharded KV-cache
+decode) against a plain single-process reference that recomputes the whole sequence
+at every step.
+
+One gloo group per world size (1 to 4 CPU processes) runs every case; ranks write what
+they saw to files and the assertions are made here, in the parent. The model runs in
+float64 so that greedy tokens cannot flip on a rounding difference between the two
+computation orders (a real bug changes them; rounding does not)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from longvita.dist.zigzag import zigzag_layout
+from longvita.model import LongVITA, preset
+
+SLOT = 500  # the image-context placeholder id of these tests
+NEW_TOKENS = 6
+
+
+def _model(seed: int) -> LongVITA:
+    torch.manual_seed(seed)
+    cfg = preset("tiny")
+    cfg.image_token_ids = (SLOT,)
+    model = LongVITA(cfg).double().eval()
+    with torch.no_grad():  # random weights with structure, as the CLI's demo model
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5 / p.shape[-1] ** 0.5)
+    return model
+
+
+def _prompts(seed: int, cfg):
+    """name -> (input_ids, pixel_values): media in the middle; media only at the start."""
+    g = torch.Generator().manual_seed(seed)
+    n = cfg.tokens_per_tile
+    s = cfg.vision.image_size
+
+    def text(k):
+        return torch.randint(0, 400, (k,), generator=g)
+
+    mid = torch.cat([text(7), torch.full((n,), SLOT), text(3), torch.full((2 * n,), SLOT), text(11)])
+    start = torch.cat([torch.full((n,), SLOT), text(60)])  # P=2: the tile lies in rank 0's first chunk
+    return {
+        "media_mid": (mid, torch.randn(3, 3, s, s, generator=g, dtype=torch.float64)),
+        "media_start": (start, torch.randn(1, 3, s, s, generator=g, dtype=torch.float64)),
+        "text_only": (text(23), None),
+    }
+
+
+def _reference(model, ids, pixels, steps):
+    """Greedy tokens and every step's logits, recomputing the whole sequence each step."""
+    seq, tokens, logits = ids.tolist(), [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            row = model(torch.tensor(seq), pixels)[-1]
+            tokens.append(int(row.argmax()))
+            logits.append(row)
+            seq.append(tokens[-1])
+    return tokens, logits
+
+
+def _run(rank, world, seed):
+    from longvita.dist.inference import ContextParallelGenerator
+
+    model = _model(seed)
+    results = {}
+    for name, (ids, pixels) in _prompts(seed, model.config).items():
+        seen = []
+        real = model.image_embeddings
+        model.image_embeddings = lambda p, real=real: (seen.append(p.shape[0]), real(p))[1]
+        cp = ContextParallelGenerator(model, tiles_per_chunk=2, keep_logits=True)
+        tokens = list(cp.generate(ids, pixels, max_new_tokens=NEW_TOKENS))
+        model.image_embeddings = real
+        results[name] = dict(tokens=tokens, kv_tokens=cp.stats.kv_tokens, tiles=cp.stats.tiles_encoded,
+                             vision_calls=seen, logits=cp.logits)
+    return results
+
+
+def _worker(rank, world, init_file, out_dir, seed):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=90))
+        torch.set_num_threads(1)
+        res = _run(rank, world, seed)
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawn(world, tmp_path, seed, deadline_s=180):
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed), nprocs=world,
+                             join=False, start_method="spawn")
+    try:
+        t0 = time.monotonic()
+        while not ctx.join(timeout=1):
+            if time.monotonic() - t0 > deadline_s:
+                pytest.fail(f"context-parallel generation on {world} ranks did not finish in {deadline_s}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+    for r in range(world):
+        err = tmp_path / f"rank{r}.err"
+        assert not err.exists(), err.read_text()
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def _expected_tiles(ids, world, rank, tpt):
+    """Tiles whose context tokens fall in `rank`'s zigzag shard (counted independently)."""
+    layout = zigzag_layout(torch.tensor([0, ids.numel()]), world)
+    index, valid = layout.local_to_global(rank)
+    slot_rank = torch.cumsum(ids == SLOT, 0) - 1
+    mine = {int(slot_rank[i]) // tpt for i, ok in zip(index.tolist(), valid.tolist()) if ok and int(ids[i]) == SLOT}
+    return len(mine)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_cp_generation_equals_single_process_recompute(world, tmp_path):
+    seed = int(torch.randint(0, 2**30, ()).item())
+    if world == 1:  # no process group at all: the same code on one rank
+        results = [_run(0, 1, seed)]
+    else:
+        results = _spawn(world, tmp_path, seed)
+    model = _model(seed)
+    tpt = model.config.tokens_per_tile
+    for name, (ids, pixels) in _prompts(seed, model.config).items():
+        want, want_logits = _reference(model, ids, pixels, NEW_TOKENS)
+        steps_seen = set()
+        for rank, res in enumerate(results):
+            got = res[name]
+            assert got["tokens"] == want, f"{name}, rank {rank}/{world}: {got['tokens']} != {want}"
+            # tokens alone can hide a wrong attention (a tiny random model may repeat
+            # itself): every logit row this rank computed matches too, in float64
+            for step, row in got["logits"].items():
+                err = ((row - want_logits[step]).abs().max() / want_logits[step].abs().max()).item()
+                assert err < 1e-10, f"{name}, rank {rank}/{world}, step {step}: logits relative error {err:.2e}"
+                steps_seen.add(step)
+            kv = got["kv_tokens"]
+            # every prompt token and every decoded token but the last is cached exactly once
+            assert sum(kv) == ids.numel() + NEW_TOKENS - 1, (name, kv)
+            assert max(kv) - min(kv) <= 2 + 1, (name, kv)  # one document: 2 padding + 1 after decode
+            # the vision tower ran only on the tiles this rank owns, in chunks of <= 2
+            assert got["tiles"] == _expected_tiles(ids, world, rank, tpt), (name, rank, got["tiles"])
+            assert sum(got["vision_calls"]) == got["tiles"] and all(c <= 2 for c in got["vision_calls"])
+        assert steps_seen == set(range(NEW_TOKENS)), (name, steps_seen)  # the prefill's and every decode's
+    if world == 2:  # the media of "media_start" sit entirely on rank 0
+        assert results[0]["media_start"]["tiles"] == 1 and results[1]["media_start"]["tiles"] == 0
+
+
+def test_too_many_ranks_for_the_prompt_is_a_clear_error():
+    from longvita.dist.inference import ContextParallelGenerator
+
+    cp = ContextParallelGenerator(_model(0))
+    cp.world = 4  # as if 4 ranks: the check comes before any communication
+    with pytest.raises(ValueError, match="needs at least 8"):
+        next(cp.generate(torch.arange(5)))
