@@ -95,6 +95,20 @@ def check_generate_args(args) -> None:
         raise CLIError(f"--max-frames must be >= 1, got {args.max_frames}")
     if not args.temperature >= 0:  # also rejects nan
         raise CLIError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1] (1: off), got {args.top_p}")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise CLIError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.cp is not None and args.cp != world:
+        raise CLIError(
+            f"--cp {args.cp}: the context-parallel group is every process, and there are {world} "
+            f"(run under torchrun --nproc-per-node {args.cp})"
+        )
+    if world > 1 and args.prefill_chunk is not None:
+        raise CLIError("--prefill-chunk runs in one process; under context parallelism each rank holds 1/P of the prompt")
     for flag, paths in (("--image", args.image or []), ("--video", [args.video] if args.video else [])):
         for path in paths:
             if not os.path.exists(path):
@@ -116,7 +130,9 @@ def cmd_generate(args) -> int:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
-    rank, world = _maybe_init_distributed(torch)
+    rank, world = _maybe_init_distributed(torch, args.device)
+    if world > 1 and args.device == "cuda":  # one GPU per rank
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
         return _generate(args, torch, rank, world)
     finally:
@@ -155,22 +171,46 @@ def _generate(args, torch, rank: int, world: int) -> int:
             f"{args.max_new_tokens}, more than the model's max_position_embeddings ({limit})"
         )
     input_ids = prompt.input_ids.to(pipe.device)
-    pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(pipe.device, pipe.dtype)
-    tiles = 0 if pixels is None else int(pixels.shape[0])
+    tiles = 0 if prompt.pixel_values is None else int(prompt.pixel_values.shape[0])
     inputs_s = time.perf_counter() - t0 - load_s
 
+    from longvita.model import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if world > 1:
+        from longvita.dist.inference import ContextParallelGenerator
+
+        # media stay on the CPU: each rank moves only the tiles it encodes
+        cp = ContextParallelGenerator(model)
+        stream = cp.generate(
+            input_ids, prompt.pixel_values, max_new_tokens=args.max_new_tokens,
+            eos_token_id=pipe.special.eos_token_id, sampling=sampling, generator=gen,
+        )
+    else:
+        cp = None
+        pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(pipe.device, pipe.dtype)
+        stream = model.generate(
+            input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=pipe.special.eos_token_id,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
+            prefill_chunk=args.prefill_chunk,
+        )
+    from tqdm.auto import tqdm
+
     tokens: list[int] = []
     t1 = time.perf_counter()
     prefill_s = None
-    stream = model.generate(
-        input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=pipe.special.eos_token_id,
-        temperature=args.temperature, generator=gen,
-    )
+    # decode progress on rank 0 for long generations (stderr; tqdm hides itself off a terminal)
+    progress = tqdm(total=args.max_new_tokens, desc="decoding", unit="token", leave=False,
+                    disable=True if rank != 0 or args.max_new_tokens < 64 else None)
     for tok in stream:
         if prefill_s is None:  # the first token comes out of the prefill
             prefill_s = time.perf_counter() - t1
         tokens.append(tok)
+        progress.update()
+    progress.close()
     total_s = time.perf_counter() - t1
     if prefill_s is None:  # --max-new-tokens 0: nothing was computed
         prefill_s = 0.0
@@ -178,6 +218,12 @@ def _generate(args, torch, rank: int, world: int) -> int:
     decoded = max(len(tokens) - 1, 0)  # the first token is the prefill's
     decode_tps = decoded / decode_s if decode_s > 0 else 0.0
     text = pipe.tokenizer.decode(tokens, skip_special_tokens=True)
+    # cached tokens per rank: the prompt and every generated token but the last
+    if cp is not None:
+        kv_tokens = cp.stats.kv_tokens
+    else:
+        kv_tokens = [n_prompt + len(tokens) - 1 if tokens else 0]
+    peak = _gather(_peak_memory_gib(torch, pipe.device), world)
     if rank == 0:
         if args.json:
             print(json.dumps({
@@ -185,25 +231,47 @@ def _generate(args, torch, rank: int, world: int) -> int:
                 "load_s": load_s, "inputs_s": inputs_s, "prefill_s": prefill_s, "decode_s": decode_s,
                 "seconds": total_s, "decode_tokens_per_s": decode_tps,
                 "tokens_per_s": len(tokens) / total_s if total_s > 0 else 0.0,
+                "cp": world, "kv_tokens": kv_tokens, "peak_memory_gib": peak,
                 "model": pipe.source, "world_size": world,
             }))
         else:
             print(text)
             print(f"[{len(tokens)} tokens; load {load_s:.2f} s, inputs {inputs_s:.2f} s, prefill {prefill_s:.2f} s "
-                  f"({n_prompt} tokens, {tiles} tiles), decode {decode_s:.2f} s ({decode_tps:.1f} tokens/s); "
-                  f"model {pipe.source}]", file=sys.stderr)
+                  f"({n_prompt} tokens, {tiles} tiles, {world} rank{'s' if world > 1 else ''}), decode {decode_s:.2f} s "
+                  f"({decode_tps:.1f} tokens/s); model {pipe.source}]", file=sys.stderr)
     return 0
 
 
-def _maybe_init_distributed(torch):
-    """Under torchrun every rank joins one process group. Generation itself is not yet
-    context-parallel: every rank runs the whole generation and rank 0 prints."""
+def _peak_memory_gib(torch, device) -> float:
+    """Peak memory of this process: the CUDA allocator's on a GPU, the resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def _gather(value, world: int) -> list:
+    """``value`` of every rank, in rank order (a list of one alone)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _maybe_init_distributed(torch, device: str):
+    """Under torchrun every rank joins one process group, which generation uses as its
+    context-parallel group; alone, nothing is initialised. NCCL only when the tensors
+    are on GPUs: CPU tensors need gloo even on a machine with CUDA."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -240,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tiles", type=int, default=12, help="most tiles per image (dynamic tiling)")
     g.add_argument("--max-frames", type=int, default=4096, help="most video frames")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass; 1: off")
+    g.add_argument("--prefill-chunk", type=int, metavar="N",
+                   help="one process: run the prompt through the KV cache N tokens at a time (bounds activation memory)")
+    g.add_argument("--cp", type=int, metavar="N",
+                   help="context-parallel ranks; must equal the torchrun world size (unset: all of them)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (and the random default model's weights)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -202,3 +202,46 @@ def test_torchrun_bad_input_prints_once(tmp_path):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "longvita generate: error:" in ln]
     assert len(lines) == 1 and "missing.png" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--prefill-chunk", "0"], "--prefill-chunk"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "-2"], "--top-k"),
+    (["--cp", "3"], "--cp"),
+])
+def test_bad_generation_flags_are_one_line(capsys, flags, named):
+    code = main(["generate", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and named in err[0], err
+
+
+def test_prefill_chunk_gives_the_same_tokens(capsys):
+    args = ["generate", "--json", "--max-new-tokens", "4", "--seed", "2"]
+    assert main(args) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert main(args + ["--prefill-chunk", "5"]) == 0  # cuts through the tiles' tokens
+    chunked = json.loads(capsys.readouterr().out)
+    assert chunked["tokens"] == whole["tokens"] and chunked["kv_tokens"] == whole["kv_tokens"]
+
+
+def test_generate_under_torchrun_is_context_parallel():
+    """2 ranks: one CP group, the same tokens as one process, the cache split in two."""
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    # sampled: the ranks' generators must stay in step with a single-process run
+    args = ["generate", "--json", "--max-new-tokens", "4", "--seed", "4", "--temperature", "0.8", "--top-k", "50"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "longvita", *args],
+        capture_output=True, text=True, env=e, timeout=300, cwd=tempfile.gettempdir(),
+    )
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, r.stdout  # rank 0 prints
+    cp = json.loads(lines[0])
+    one = json.loads(_run(*args).stdout)
+    assert cp["cp"] == 2 and len(cp["kv_tokens"]) == 2 and len(cp["peak_memory_gib"]) == 2
+    assert sum(cp["kv_tokens"]) == one["kv_tokens"][0] == one["prompt_tokens"] + len(one["tokens"]) - 1
+    assert abs(cp["kv_tokens"][0] - cp["kv_tokens"][1]) <= 3
+    assert cp["tokens"] == one["tokens"]

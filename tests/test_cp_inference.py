@@ -82,7 +82,31 @@ def _run(rank, world, seed):
         model.image_embeddings = real
         results[name] = dict(tokens=tokens, kv_tokens=cp.stats.kv_tokens, tiles=cp.stats.tiles_encoded,
                              vision_calls=seen, logits=cp.logits)
+    # sampled, with a prompt of 2P+1 tokens: its last token lies on the last rank, which
+    # computes the first logits; every rank's generator must stay in step
+    from longvita.model import Sampling
+
+    cp = ContextParallelGenerator(model)
+    gen = torch.Generator().manual_seed(seed)
+    results["sampled"] = list(cp.generate(_short(seed, world), sampling=SAMPLING, generator=gen, max_new_tokens=NEW_TOKENS))
+    assert isinstance(SAMPLING, Sampling)
     return results
+
+
+SAMPLING_ARGS = dict(temperature=1.5, top_k=100)
+
+
+def _short(seed, world):
+    return torch.randint(0, 400, (2 * world + 1,), generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _sampling():
+    from longvita.model import Sampling
+
+    return Sampling(**SAMPLING_ARGS)
+
+
+SAMPLING = _sampling()
 
 
 def _worker(rank, world, init_file, out_dir, seed):
@@ -157,6 +181,11 @@ def test_cp_generation_equals_single_process_recompute(world, tmp_path):
             assert got["tiles"] == _expected_tiles(ids, world, rank, tpt), (name, rank, got["tiles"])
             assert sum(got["vision_calls"]) == got["tiles"] and all(c <= 2 for c in got["vision_calls"])
         assert steps_seen == set(range(NEW_TOKENS)), (name, steps_seen)  # the prefill's and every decode's
+    # sampled generation draws exactly what one process draws
+    gen = torch.Generator().manual_seed(seed)
+    want = list(model.generate(_short(seed, world), max_new_tokens=NEW_TOKENS, generator=gen, **SAMPLING_ARGS))
+    for rank, res in enumerate(results):
+        assert res["sampled"] == want, f"sampled, rank {rank}/{world}: {res['sampled']} != {want}"
     if world == 2:  # the media of "media_start" sit entirely on rank 0
         assert results[0]["media_start"]["tiles"] == 1 and results[1]["media_start"]["tiles"] == 0
 

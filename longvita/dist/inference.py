@@ -187,6 +187,8 @@ class ContextParallelGenerator:
                 f"the prompt has {total} tokens: context parallelism over {world} ranks needs at least {2 * world}"
             )
         model.check_length(total + max_new_tokens)
+        if max_new_tokens == 0:
+            return  # nothing to generate: no prefill either
         device = model.lm_head.weight.device
         input_ids = input_ids.to(device)
 
@@ -204,15 +206,18 @@ class ContextParallelGenerator:
         attention = RingPrefillAttention(layout, cache, self.group)
         hidden = model.hidden_states(inputs_embeds=embeds, position_ids=index, attention=attention)
 
-        # the last prompt token: its rank computes the logits and chooses; all receive
+        # the last prompt token: the rank that holds it computes its logits (one row) and
+        # sends them to all, so that every rank draws from its own generator and the
+        # generators stay in step with each other (and with a single-process run)
         last_local = ((index == total - 1) & valid).nonzero().squeeze(1)
         owner = self._owner_of_last(layout, total)
-        token = torch.zeros(1, dtype=torch.long, device=device)
+        logits = torch.empty(1, model.config.text.vocab_size, dtype=hidden.dtype, device=device)
         if rank == owner:
             logits = gather_logits(hidden, model.lm_head.weight, last_local)
             self._keep(0, logits)
-            token[0] = sampling(logits[0], generator)
-        self._broadcast(token, owner)
+        self._broadcast(logits, owner)
+        token = torch.tensor([sampling(logits[0], generator)], device=device)
+        self._broadcast(token, 0)  # a guard: rank 0's choice is everyone's
 
         for step in range(max_new_tokens):
             tok = int(token[0])
@@ -224,9 +229,9 @@ class ContextParallelGenerator:
             hidden = model.hidden_states(token, position_ids=position, attention=attention)
             logits = gather_logits(hidden, model.lm_head.weight, torch.zeros(1, dtype=torch.long, device=device))
             self._keep(step + 1, logits)
-            # every rank holds the same merged logits; rank 0 chooses so one generator decides
-            if rank == 0:
-                token[0] = sampling(logits[0], generator)
+            # every rank holds the same merged logits and draws alike; rank 0's choice is
+            # broadcast all the same, so no rank can drift
+            token[0] = sampling(logits[0], generator)
             self._broadcast(token, 0)
         self.stats.kv_tokens = list(cache.lengths)
 
@@ -242,7 +247,7 @@ class ContextParallelGenerator:
                 return r
         raise AssertionError("no rank holds the last prompt token")  # the layout covers every token
 
-    def _broadcast(self, token: torch.Tensor, src: int) -> None:
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> None:
         if self.world > 1:
-            dist.broadcast(token, src=dist.get_global_rank(self.group, src) if self.group is not None else src,
+            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group is not None else src,
                            group=self.group)

@@ -262,6 +262,8 @@ class LongVITA(nn.Module):
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         sample = Sampling(temperature, top_k, top_p)
         self.check_length(input_ids.shape[0] + max_new_tokens)
+        if max_new_tokens == 0:
+            return  # nothing to generate: no prefill either
         total, device = input_ids.shape[0], input_ids.device
         dtype = self.text.embed_tokens.weight.dtype
         cache = KVCache.empty(self.config.text, total + max_new_tokens, device, dtype)
