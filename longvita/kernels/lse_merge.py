@@ -23,7 +23,11 @@ import math
 
 import torch
 
-from longvita.kernels._backend import resolve_backend, triton_available
+from longvita.kernels._backend import resolve, triton_available
+
+# Elements of one (BLOCK_M, BLOCK_D) tile. With the default 4 warps (128 threads) each
+# thread holds 64 values of each of the two operand tiles: they stay in registers.
+_TILE_ELEMS = 8192
 
 if triton_available():
     import triton
@@ -93,18 +97,20 @@ def lse_merge_(out_acc, lse_acc, out_b, lse_b, backend: str | None = None):
     Args:
         out_acc: (T, H, D) float32, updated in place. lse_acc: (H, T) float32, in place.
         out_b: (T, H, D) in any float dtype. lse_b: (H, T) float32.
-        backend: None/'auto', 'torch' or 'triton' (see ``longvita.kernels._backend``).
+        backend: None/'auto', 'torch' or 'triton' (see ``longvita.kernels._backend``);
+            the other names resolve there too ('flash_attn' means 'auto').
 
     Returns ``(out_acc, lse_acc)``.
     """
     _check(out_acc, lse_acc, out_b, lse_b)
-    if backend not in (None, "auto", "torch", "triton"):
-        backend = None  # backends without a merge of their own ('flash_attn', 'cuda') use the default
-    if resolve_backend(out_acc.device, backend) != "triton" or out_acc.numel() == 0 or out_acc.dtype != torch.float32:
+    # The inputs' dtype decides (float64 accumulators belong to float64 inputs, which
+    # take the torch path; bf16 blocks do not run in Triton's interpreter).
+    dtype = torch.float64 if out_acc.dtype == torch.float64 else out_b.dtype
+    if resolve("lse_merge", out_acc.device, dtype, backend) != "triton" or out_acc.numel() == 0:
         return lse_merge_reference_(out_acc, lse_acc, out_b, lse_b)
     t, h, d = out_acc.shape
     block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(64, 8192 // block_d))
+    block_m = max(1, min(64, _TILE_ELEMS // block_d))
     grid = (triton.cdiv(t, block_m), h)
     _lse_merge_kernel[grid](
         out_acc, lse_acc, out_b, lse_b, t, d,
