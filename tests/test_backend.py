@@ -66,7 +66,9 @@ def ran(monkeypatch):
     """Spies on every implementation a family can run on CPU; yields the (family, backend)
     pairs that ran, in order."""
     # import_module: ``longvita.kernels.varlen_attention`` the attribute is the function
-    lh, lm, ps, va = (importlib.import_module(f"longvita.kernels.{m}") for m in ("lm_head", "lse_merge", "pixel_shuffle", "varlen_attention"))
+    lh, lm, ps, va = (
+        importlib.import_module(f"longvita.kernels.{m}") for m in ("lm_head", "lse_merge", "pixel_shuffle", "varlen_attention")
+    )
     calls = []
 
     def spy(obj, name, label):
@@ -96,21 +98,14 @@ def ran(monkeypatch):
 
         monkeypatch.setattr(ps, "native", lambda: _SpiedExt())
     if triton_available():
-        lht, pst, vat = (
-            importlib.import_module(f"longvita.kernels.{m}_triton") for m in ("lm_head", "pixel_shuffle", "varlen_attention")
+        lht, lmt, pst, vat = (
+            importlib.import_module(f"longvita.kernels.{m}_triton")
+            for m in ("lm_head", "lse_merge", "pixel_shuffle", "varlen_attention")
         )
-
         spy(vat, "varlen_attention_fwd_op", ("varlen_attention", "triton"))
         spy(lht, "triton_forward", ("lm_head", "triton"))
         spy(pst, "triton_ln_fwd", ("pixel_shuffle", "triton"))
-        kernel = lm._lse_merge_kernel
-
-        class _SpiedKernel:
-            def __getitem__(self, grid):
-                calls.append(("lse_merge", "triton"))
-                return kernel[grid]
-
-        monkeypatch.setattr(lm, "_lse_merge_kernel", _SpiedKernel())
+        spy(lmt, "triton_lse_merge_", ("lse_merge", "triton"))
     monkeypatch.delenv("LONGVITA_BACKEND", raising=False)
     monkeypatch.setattr(backend_mod, "_warned_bf16_interpret", True)  # warnings: tested below
     return calls
