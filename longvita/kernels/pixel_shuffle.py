@@ -19,7 +19,7 @@ one destination row, so ``dx`` is written by plain stores, no atomics. ``dweight
 
 The two GEMMs and the GELU run as ``F.linear`` + ``F.gelu`` (cuBLAS on GPU), so their
 backward is autograd's. Under torch.compile the fused piece's launchers run as torch
-custom ops with fake kernels, so torch.compile traces through them; in eager mode they
+custom ops with fake kernels, which torch.compile traces through; in eager mode they
 are called directly (a custom op's first eager call imports torch._dynamo, seconds on CPU).
 
 Backends for the fused piece (``backend=`` or ``LONGVITA_BACKEND``):
