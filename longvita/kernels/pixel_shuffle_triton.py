@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 # Backward programs per streaming multiprocessor: each program loops over many rows and
 # keeps one (inv^2, C) partial sum of dweight/dbias, so a few resident programs per SM
-# hide memory latency while the partial-sum buffer (programs x inv^2*C fp32) stays small.
+# hide memory latency while the partial-sum buffer (programs x inv^2*C fp32) stays small
+# (the CUDA kernel's kPsBwdBlocksPerSm, csrc/pixel_shuffle_ln.h, for the same reason).
 _BWD_PROGRAMS_PER_SM = 4
 # The interpreter has no SMs: a few programs still exercise the strided row loop and the
 # final sum over partial rows, at little cost in the numpy emulation.
