@@ -15,8 +15,7 @@ Two tables:
   torch.compile of it; ``copy`` is a plain ``dst.copy_(src)`` moving the same number
   of bytes (read + written), the bandwidth to compare against.
 - ``projector`` forward and forward+backward, ms: longvita (auto backend: fused
-  LayerNorm + cuBLAS GEMMs), ``longvita triton-gemm`` (the first GEMM in Triton with
-  the GELU in its epilogue) vs eager ``pixel_shuffle_project_reference`` and
+  LayerNorm + cuBLAS GEMMs) vs eager ``pixel_shuffle_project_reference`` and
   torch.compile of it. A case that runs out of memory shows "-".
 """
 
@@ -121,8 +120,6 @@ def _setup_projector(case: Case, impl: str, mode: str):
     leaves = (x, ln_w, w1, w2)
     if impl == "longvita":
         fwd = lambda: pixel_shuffle_project(x, ln_w, None, w1, None, w2, None)  # noqa: E731
-    elif impl == "longvita triton-gemm":
-        fwd = lambda: pixel_shuffle_project(x, ln_w, None, w1, None, w2, None, gemm="triton")  # noqa: E731
     elif impl == "eager":
         fwd = lambda: pixel_shuffle_project_reference(x, ln_w, None, w1, None, w2, None)  # noqa: E731
     elif impl == "compile":
@@ -134,7 +131,7 @@ def _setup_projector(case: Case, impl: str, mode: str):
 
 
 LN_IMPLS = ["copy", "cuda", "triton", "eager", "compile"]
-PROJ_IMPLS = ["longvita", "longvita triton-gemm", "eager", "compile"]
+PROJ_IMPLS = ["longvita", "eager", "compile"]
 _SKIPPABLE = (RuntimeError, NotImplementedError, ValueError, TypeError)  # unsupported / OOM
 
 

@@ -164,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pixel_shuffle_ln_bwd(const at::Te
   int sms = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()) == cudaSuccess,
               "pixel_shuffle_ln_bwd: cannot read the multiprocessor count");
-  const int num_blocks = static_cast<int>(std::min<int64_t>(rows, 4 * static_cast<int64_t>(sms)));
+  const int num_blocks = static_cast<int>(std::min<int64_t>(rows, kPsBwdBlocksPerSm * static_cast<int64_t>(sms)));
   at::Tensor dw_part = at::empty({num_blocks, n}, x.options().dtype(at::kFloat));
   at::Tensor db_part = has_bias ? at::empty({num_blocks, n}, x.options().dtype(at::kFloat)) : at::Tensor();
   const cudaError_t err = pixel_shuffle_ln_bwd_cuda(

@@ -34,6 +34,10 @@ enum PsDtype : int { kPsFloat32 = 0, kPsFloat16 = 1, kPsBFloat16 = 2 };
 
 // Largest inv*inv*C the CUDA kernels handle (registers hold one row per block).
 constexpr int64_t kPsMaxRow = 16384;
+// Backward blocks per multiprocessor: each block loops over many rows and keeps one
+// (inv^2*C) partial sum of dweight/dbias, so a few resident blocks per SM hide memory
+// latency while the partial-sum buffer (blocks x inv^2*C fp32) stays small.
+constexpr int64_t kPsBwdBlocksPerSm = 4;
 
 // One block per output row. mean/rstd are fp32. b may be null.
 cudaError_t pixel_shuffle_ln_fwd_cuda(int dtype, const void* x, const void* w, const void* b, void* y,

@@ -30,7 +30,7 @@ def info_text() -> str:
 
     from longvita import __version__
     from longvita._ext import native_status
-    from longvita.kernels._backend import resolve_backend, triton_available, triton_interpret
+    from longvita.kernels._backend import kernel_backends, triton_available, triton_interpret
 
     lines = [f"longvita {__version__}", f"python {platform.python_version()} ({platform.machine()})"]
     for mod in ("torch", "triton", "numpy", "safetensors", "tokenizers", "PIL", "av", "transformers", "flash_attn"):
@@ -46,22 +46,17 @@ def info_text() -> str:
     lines.append(f"native extension longvita._C: {native_status()}")
     lines.append(f"triton: {'available' if triton_available() else 'not available'}"
                  f"{' (interpreter: TRITON_INTERPRET=1)' if triton_interpret() else ''}")
-    lines.append("kernel backends (auto):")
+    lines.append(f"kernel backends (LONGVITA_BACKEND={os.environ.get('LONGVITA_BACKEND') or 'auto'}):")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if cuda else [])
     for dev in devices:
-        b = resolve_backend(dev)
-        lines.append(f"  {dev.type}: varlen_attention={b}, lm_head={b}, pixel_shuffle={_pixel_shuffle_backend(dev)}, ring_attention=p2p over {_ring_transport(dev)}")
+        for dtype in (torch.float32, torch.bfloat16):
+            try:
+                chosen = ", ".join(f"{k}={v}" for k, v in kernel_backends(dev, dtype).items())
+            except (ValueError, RuntimeError) as exc:  # a LONGVITA_BACKEND that cannot run here
+                chosen = f"error: {exc}"
+            lines.append(f"  {dev.type} {str(dtype).replace('torch.', '')}: {chosen}")
+        lines.append(f"  {dev.type}: ring_attention=p2p over {_ring_transport(dev)}")
     return "\n".join(lines)
-
-
-def _pixel_shuffle_backend(device) -> str:
-    try:
-        from longvita.kernels.pixel_shuffle import active_backend
-    except ImportError:
-        from longvita.kernels._backend import resolve_backend
-
-        return resolve_backend(device)
-    return active_backend(device)
 
 
 def _ring_transport(device) -> str:

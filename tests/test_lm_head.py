@@ -119,7 +119,7 @@ def test_lce_fp16_within_twice_plain_torch_error(backend, reduction):
     )
     ref64 = _reference64(hidden, weight, labels, reduction=reduction, upstream=None if up is None else up.double())
     for name, o, p, r in zip(("loss", "d(hidden)", "d(weight)"), ours, plain, ref64):
-        eps = 1e-3 * r.abs().max().item()  # fp16 rounding of the reference's own scale
+        eps = 1e-5 * r.abs().max().item()  # the 2x rule's small slack, as for the other kernels
         assert torch.isfinite(o).all()
         assert _err(o, r) <= 2 * _err(p, r) + eps, f"{name}: ours {_err(o, r):.3g} vs plain fp16 {_err(p, r):.3g}"
 

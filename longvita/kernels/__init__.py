@@ -1,6 +1,9 @@
-"""longvita's kernels. Each family lives in one file: public function ->
-autograd.Function -> launchers (Triton / CUDA), with plain-torch references in
-``reference.py``. This package never imports ``model`` or ``dist``.
+"""longvita's kernels. One layout per family: ``X.py`` holds the public function ->
+autograd.Function -> custom ops (for torch.compile) and the torch / C++ paths;
+``X_triton.py`` holds the Triton kernels and their launchers, imported only when the
+Triton backend runs (so this package imports without triton); ``reference.py`` holds
+the plain-torch references, the definition of correct. ``_backend.resolve`` picks the
+backend of every family. This package never imports ``model`` or ``dist``.
 """
 
 from longvita.kernels.varlen_attention import (  # noqa: F401

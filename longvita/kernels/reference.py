@@ -194,7 +194,7 @@ def pixel_shuffle_reference(x: torch.Tensor, scale_factor: float = 0.5) -> torch
     x = x.permute(0, 2, 1, 3).contiguous()
     x = x.reshape(tiles, h // inv, h // inv, c * inv * inv)
     x = x.permute(0, 2, 1, 3).contiguous()
-    return x.reshape(tiles, -1, c * inv * inv)
+    return x.reshape(tiles, (h // inv) ** 2, c * inv * inv)  # sizes spelled out: tiles may be 0
 
 
 def pixel_shuffle_project_reference(

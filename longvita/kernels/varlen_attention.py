@@ -7,11 +7,12 @@ The building blocks ``varlen_attention_fwd`` / ``varlen_attention_bwd`` take and
 return ``(out, lse)`` / ``(dq, dk, dv)`` without autograd, so ring attention can call
 them per block.
 
-Backends (``backend=`` or ``LONGVITA_BACKEND``, see ``_backend.resolve_backend``):
+Backends (``backend=`` or ``LONGVITA_BACKEND``, chosen by ``_backend.resolve``):
 'triton' (the kernels in ``varlen_attention_triton.py``; CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``), 'torch' (the reference in ``reference.py``), and
 'flash_attn' (the flash-attn package, when importable, for comparison). float64
-inputs always run the reference. There is no CUDA C++ attention: 'cuda' runs Triton.
+inputs always run the reference, and so do bfloat16 inputs in Triton's interpreter.
+There is no CUDA C++ attention: 'cuda' runs Triton.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from longvita.kernels import reference as ref
-from longvita.kernels._backend import resolve_backend, triton_runs_on
+from longvita.kernels._backend import resolve
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -87,11 +88,7 @@ def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_s
 
 
 def _pick_backend(q: torch.Tensor, backend: str | None) -> str:
-    name = resolve_backend(q.device, backend)
-    if name == "cuda":  # no CUDA C++ attention: the Triton kernels are the GPU path
-        name = "triton" if triton_runs_on(q.device) else "torch"
-    if name == "triton" and q.dtype == torch.float64:
-        name = "torch"  # Triton has no fast float64 dot; the reference is exact
+    name = resolve("varlen_attention", q.device, q.dtype, backend)
     if name == "triton" and q.shape[-1] > 256:
         raise ValueError(f"head_dim must be at most 256 for the triton backend, got {q.shape[-1]}")
     return name
