@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 EXIT_USAGE = 2
 EXIT_INPUT = 1
@@ -113,7 +114,7 @@ def cmd_generate(args) -> int:
         build_inputs,
         load_image,
         load_tokenizer,
-        load_video,
+        read_video,
         tile_image,
     )
 
@@ -133,17 +134,22 @@ def cmd_generate(args) -> int:
     special = SpecialTokens.from_tokenizer(tokenizer)
     cfg.image_token_ids = special.context_token_ids
     size = cfg.vision.image_size
+    pre = args.preprocess or cfg.preprocess  # the checkpoint's family unless overridden
 
     segments: list = []
+    frames = None
     if args.image:
         for path in args.image:
-            segments.append(tile_image(load_image(path), image_size=size, max_num=args.max_tiles))
+            image = load_image(path, image_size=size, max_num=args.max_tiles)
+            segments.append(tile_image(image, image_size=size, max_num=args.max_tiles, preprocess=pre))
     elif args.model is None and not args.video:
-        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles))
+        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles, preprocess=pre))
     if args.video:
-        segments.append(load_video(args.video, max_frames=args.max_frames, image_size=size))
+        video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre)
+        segments.append(video.pixel_values)
+        frames = video.indices
     segments.append(args.prompt)
-    prompt = build_inputs(tokenizer, special, segments, tokens_per_tile=cfg.tokens_per_tile)
+    prompt = build_inputs(tokenizer, special, segments, tokens_per_tile=cfg.tokens_per_tile, preprocess=pre)
 
     device = next(model.parameters()).device
     input_ids = prompt.input_ids.to(device)
@@ -168,6 +174,7 @@ def cmd_generate(args) -> int:
                 "tokens": tokens, "text": text, "prompt_tokens": int(input_ids.numel()),
                 "tiles": 0 if pixels is None else int(pixels.shape[0]), "seconds": elapsed,
                 "tokens_per_s": tps, "model": folder or "tiny (random weights)", "world_size": world,
+                "frames": frames, "preprocess": pre,
             }))
         else:
             print(text)
@@ -207,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=16)
     g.add_argument("--max-tiles", type=int, default=12, help="most tiles per image (dynamic tiling)")
     g.add_argument("--max-frames", type=int, default=4096, help="most video frames")
+    g.add_argument("--preprocess", choices=["long-vita", "internvl"],
+                   help="preprocessing family (tiles, video frames, token layout); default: the checkpoint's")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -220,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        # a user-facing warning (e.g. a video cut short): one line, like errors
+        print(f"longvita {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning when main returns
+            warnings.showwarning = one_line_warning
+            return args.func(args)
     except KeyboardInterrupt:
         print("longvita: interrupted", file=sys.stderr)
         return 130
