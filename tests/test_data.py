@@ -625,3 +625,148 @@ def test_build_inputs_ids_not_hard_coded():
     assert not torch.equal(a.input_ids, b.input_ids)
     decode = lambda t, ids: t.decode(ids.tolist(), skip_special_tokens=False)  # noqa: E731
     assert decode(tok, a.input_ids) == decode(rev, b.input_ids) == expected_prompt(segs, 2)
+
+
+def expected_internvl_prompt(segments, n):
+    """transformers' InternVLProcessor layout: one <img> block per image holding every tile,
+    video frames joined by newlines as 'Frame{i}: <img>...</img>'."""
+    parts = ["<|im_start|>user\n"]
+    for seg in segments:
+        if isinstance(seg, str):
+            parts.append(seg)
+        elif isinstance(seg, ImageTiles):
+            parts.append("<img>" + "<IMG_CONTEXT>" * (n * seg.num_tiles) + "</img>")
+        else:
+            parts.append("\n".join(f"Frame{i + 1}: <img>" + "<IMG_CONTEXT>" * n + "</img>" for i in range(seg.shape[0])))
+    parts.append("<|im_end|>\n<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def test_build_inputs_internvl_layout():
+    tok = build_default_tokenizer()
+    special = SpecialTokens.from_tokenizer(tok)
+    S, N = 8, 3
+    img = random_photo(3 * S, 2 * S, 5)
+    big = tile_image(img, image_size=S, preprocess="internvl")
+    small = tile_image(random_photo(S, S, 6), image_size=S, preprocess="internvl")
+    video = torch.randn(3, 3, S, S)
+    segments = ["Look: ", big, " then ", video, "and", small, " ok?"]
+    out = build_inputs(tok, special, segments, tokens_per_tile=N, preprocess="internvl")
+    text = expected_internvl_prompt(segments, N)
+    assert tok.decode(out.input_ids.tolist(), skip_special_tokens=False) == text
+    assert out.input_ids.tolist() == tok.encode(text, add_special_tokens=False).ids
+    # pixels in token order: grid tiles, thumbnail last, frames, the single tile
+    assert big.grid == (2, 3) and big.num_tiles == 7
+    thumb = to_tensor(img.resize((S, S), Image.Resampling.BICUBIC))
+    assert torch.equal(out.pixel_values[6], thumb)
+    assert torch.equal(out.pixel_values, torch.cat([big.pixel_values, video, small.pixel_values]))
+    assert int((out.input_ids == special.img_context).sum()) == out.pixel_values.shape[0] * N
+    assert not torch.isin(out.input_ids, torch.tensor([special.patch_context, special.vid_context])).any()
+    # tiles made for the other family are refused (the thumbnail would be misplaced)
+    with pytest.raises(InputError, match=r"segment 0 \(image\) was tiled for preprocess='long-vita'"):
+        build_inputs(tok, special, [tile_image(img, image_size=S)], tokens_per_tile=N, preprocess="internvl")
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        build_inputs(tok, special, ["x"], tokens_per_tile=N, preprocess="InternVL")
+
+
+def test_preprocess_names_agree_with_model_config():
+    from longvita.data import PREPROCESS_FAMILIES
+    from longvita.model import config as model_config
+
+    assert model_config.PREPROCESS_FAMILIES == PREPROCESS_FAMILIES
+    assert model_config.preset("tiny").preprocess == "long-vita"  # the embedded default
+    cfg = model_config.preset("tiny")
+    cfg.preprocess = "llava"
+    with pytest.raises(ValueError, match="preprocess must be one of"):
+        cfg.validate()
+
+
+# ---------------------------------------------------------------- large images
+@pytest.fixture(scope="module")
+def huge_jpeg(tmp_path_factory):
+    """12000 x 9000 (108 MP, above Pillow's 89 MP warning threshold); flat colours encode fast."""
+    path = tmp_path_factory.mktemp("big") / "huge.jpg"
+    img = Image.new("RGB", (12000, 9000), (200, 120, 40))
+    img.paste((20, 90, 220), (3000, 2000, 9000, 7000))
+    img.save(path, quality=90)
+    return path
+
+
+def test_huge_jpeg_is_decoded_reduced_without_warning(huge_jpeg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's DecompressionBombWarning must not leak
+        img = load_image(huge_jpeg)
+    # tiles need a 1792x1344 canvas (4x3 grid of 448); decoded at 1/2 scale, still >= 3x that
+    assert img.size == (6000, 4500) and img.info["original_size"] == (12000, 9000)
+    tiles = tile_image(img)
+    assert tiles.grid == choose_grid(12000, 9000) == (3, 4) and tiles.num_tiles == 13
+    # the inner rectangle lands where it should: tile (row 1, col 1) is inside it
+    inner = normalised((20, 90, 220)).view(3, 1, 1)
+    centre = tiles.pixel_values[1 + 4 + 1, :, 8:-8, 8:-8]  # its left edge is the rectangle's: skip ringing
+    torch.testing.assert_close(centre, inner.expand(3, 432, 432), atol=0.05, rtol=0)
+
+
+def test_reduced_decode_keeps_tiles_and_grid(tmp_path):
+    S = 28
+    yy, xx = np.mgrid[0:1800, 0:2400].astype(np.float32)
+    waves = [127 + 100 * np.sin(xx / (37 + 11 * c) + c) * np.cos(yy / (53 - 7 * c)) for c in range(3)]
+    noise = np.random.default_rng(3).normal(0, 5, (1800, 2400, 3))  # camera-like smooth content
+    src = Image.fromarray(np.clip(np.stack(waves, -1) + noise, 0, 255).astype(np.uint8))
+    jpg, png = tmp_path / "photo.jpg", tmp_path / "photo.png"
+    src.save(jpg, quality=95)
+    src.save(png, compress_level=1)
+    full = {p: Image.open(p).convert("RGB") for p in (jpg, png)}
+    for path, size in ((jpg, (600, 450)), (png, (343, 258))):
+        img = load_image(path, image_size=S)
+        # the 4x3 grid's canvas is 112x84: JPEG decodes at 1/4 (DCT scaling), PNG is box-
+        # reduced by 7; both stay >= 3x the canvas
+        assert img.size == size and img.info["original_size"] == (2400, 1800), path
+        for pre in ("long-vita", "internvl"):
+            got = tile_image(img, image_size=S, preprocess=pre)
+            ref = tile_image(full[path], image_size=S, preprocess=pre)
+            assert got.grid == ref.grid == (3, 4)
+            err = (got.pixel_values - ref.pixel_values).abs()
+            # within a few grey levels (0.0175 = 1 level in normalised units)
+            assert err.mean() < 0.02 and err.max() < 0.1, (path, float(err.mean()), float(err.max()))
+    # the record goes stale once the picture changes size: then it is a plain image
+    cropped = load_image(png, image_size=S).crop((0, 0, 200, 100))
+    assert tile_image(cropped, image_size=S).grid == choose_grid(200, 100, image_size=S)
+
+
+def test_small_images_decode_exactly(tmp_path):
+    for k, (w, h, fmt) in enumerate(((1000, 700, "JPEG"), (640, 2000, "PNG"), (3, 5, "PNG"))):
+        path = tmp_path / f"img{k}.{fmt.lower()}"
+        random_photo(w, h, k).save(path, fmt)
+        img = load_image(path)
+        ref = Image.open(path).convert("RGB")
+        assert img.size == ref.size and "original_size" not in img.info
+        assert np.array_equal(np.asarray(img), np.asarray(ref))
+
+
+def write_png_header(path, width, height):
+    """A PNG whose header declares width x height over a few bytes of data: a real
+    decompression bomb as far as the header goes."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_one_input_error(tmp_path, monkeypatch):
+    bomb = write_png_header(tmp_path / "bomb.png", 16000, 12000)
+    with pytest.raises(InputError, match=r"bomb\.png.*too large") as exc:
+        load_image(bomb)
+    assert "\n" not in str(exc.value)
+    # between Pillow's warning and error thresholds: decoded, and nothing leaks
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300 * 200 * 3 // 4)
+    path = tmp_path / "biggish.png"
+    random_photo(300, 200, 1).save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(path).size == (300, 200)

@@ -125,12 +125,39 @@ class ImageTiles:
         return self.pixel_values.shape[0]
 
 
+def _reduced(image: Image.Image) -> tuple[int, int, int] | None:
+    """``(W, H, factor)`` when ``image`` is a reduced decode made by ``load_image``, else
+    None. Pillow copies ``info`` through ``convert`` but also through ``crop`` and
+    friends, so the record counts only while the size still matches it."""
+    size, factor = image.info.get("original_size"), image.info.get("reduced_by")
+    if not size or not factor:
+        return None
+    w, h = size
+    if image.size != (-(-w // factor), -(-h // factor)):
+        return None
+    return w, h, factor
+
+
 def original_size(image: Image.Image) -> tuple[int, int]:
     """``(width, height)`` of the file an image was decoded from: ``load_image`` records it
-    in ``image.info["original_size"]`` when it decoded a reduced copy (Pillow carries
-    ``info`` through ``convert`` and ``resize``); otherwise the image's own size."""
-    size = image.info.get("original_size")
-    return tuple(size) if size else image.size
+    in ``image.info["original_size"]`` when it decoded a reduced copy; otherwise (or once
+    the image was cropped or resized since) the image's own size."""
+    reduced = _reduced(image)
+    return reduced[:2] if reduced else image.size
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Bicubic resize of the whole picture. For a reduced decode the source box is the
+    original extent in reduced pixels (``W / factor``): the last row and column of a
+    reduction by a factor that does not divide the size are partial, and resizing the
+    full reduced image would stretch the picture by up to a reduced pixel (Pillow's own
+    ``reducing_gap`` path passes the same box)."""
+    reduced = _reduced(image)
+    box = None
+    if reduced and image.size != tuple(size):
+        w, h, factor = reduced
+        box = (0.0, 0.0, w / factor, h / factor)
+    return image.resize(tuple(size), Image.Resampling.BICUBIC, box=box)
 
 
 def _needed_canvas(size: tuple[int, int], image_size: int, min_num: int, max_num: int) -> tuple[int, int]:
@@ -153,7 +180,8 @@ def load_image(path: str | Path, *, image_size: int = 448, min_num: int = 1, max
     resizes to, in both directions) is decoded reduced, so memory and time stay bounded:
     JPEG through the decoder's DCT scaling (``Image.draft``), other formats by an integer
     box reduction (``Image.reduce``) after decoding. The original size is then kept in
-    ``image.info["original_size"]`` and ``tile_image`` chooses the grid from it. Smaller
+    ``image.info["original_size"]`` (the reduction factor in ``"reduced_by"``):
+    ``tile_image`` chooses the grid from it and resizes from the original extent. Smaller
     files decode exactly as ``Image.open(path).convert("RGB")``.
 
     Raises InputError naming the file if it is missing, not a file, not a decodable image
@@ -173,17 +201,20 @@ def load_image(path: str | Path, *, image_size: int = 448, min_num: int = 1, max
                 size = img.size
                 need = _needed_canvas(size, image_size, min_num, max_num)
                 factor = _reduction(size, need)
+                scale = 1
                 if factor > 1 and img.format == "JPEG":
                     # the decoder picks the largest power-of-two scale that keeps at
-                    # least the requested size
+                    # least the requested size; its output is ceil(W / scale) wide
                     img.draft("RGB", (math.ceil(size[0] / factor), math.ceil(size[1] / factor)))
+                    scale = next(a for a in (8, 4, 2, 1) if img.size == (-(-size[0] // a), -(-size[1] // a)))
                 img.load()  # PIL decodes lazily; force it so corrupt data fails here
                 out = img.convert("RGB")
             rest = _reduction(out.size, need) if factor > 1 else 1
             if rest > 1:
                 out = out.reduce(rest)
-            if out.size != size:
+            if scale * rest > 1:
                 out.info["original_size"] = size
+                out.info["reduced_by"] = scale * rest
             return out
     except Image.DecompressionBombError as exc:
         raise InputError(
@@ -258,7 +289,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def squash_tile(image: Image.Image, image_size: int) -> torch.Tensor:
     """Resize the whole image bicubic to ``image_size`` square (aspect ratio not kept),
     normalise -> (3, S, S). The thumbnail and a single-tile image, in both families."""
-    return to_tensor(image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return to_tensor(_resize(image.convert("RGB"), (image_size, image_size)))
 
 
 def tile_image(
@@ -282,7 +313,7 @@ def tile_image(
     if rows * cols == 1:
         return ImageTiles(squash_tile(image, image_size).unsqueeze(0), (1, 1), False, preprocess)
 
-    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    resized = _resize(image, (image_size * cols, image_size * rows))
     big = to_tensor(resized)  # (3, rows*S, cols*S)
     # (3, rows, S, cols, S) -> (rows, cols, 3, S, S): row-major tiles, same as cropping boxes
     grid = big.view(3, rows, image_size, cols, image_size).permute(1, 3, 0, 2, 4)
