@@ -62,6 +62,7 @@ def test_bad_image_names_the_file(tmp_path, capsys, kind):
 
 
 def test_corrupt_video_names_the_file(tmp_path, capsys):
+    pytest.importorskip("av")
     path = tmp_path / "clip.mp4"
     path.write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage")
     code = main(["generate", "--video", str(path), "--max-new-tokens", "1"])

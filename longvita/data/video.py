@@ -144,9 +144,17 @@ class VideoFrames:
     fps: float = 0.0
 
 
-def _open(path: Path):
-    import av  # imported here: only video users need PyAV
+def _import_av():
+    # imported on use, never at module import: only video users need PyAV
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError(f"reading video needs PyAV (pip install av): {exc}") from None
+    return av
 
+
+def _open(path: Path):
+    av = _import_av()
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as exc:
@@ -188,8 +196,6 @@ def read_video(
 
     Raises InputError naming the file if it is missing, has no video stream, cannot be
     decoded, or yields no frames; warns (``VideoWarning``) when it is usable only in part."""
-    import av
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"video file {str(path)!r} does not exist")
@@ -198,6 +204,7 @@ def read_video(
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     frame_indices(0, 1.0, preprocess=preprocess, max_fps=max_fps, max_frames=max_frames)  # options, before I/O
+    av = _import_av()
 
     # Pass 1: presentation timestamps from packets only (no decoding), to choose frames
     # before paying for any pixel conversion.
