@@ -36,10 +36,8 @@ the file and the frame counts.
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
