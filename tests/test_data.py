@@ -340,6 +340,11 @@ def test_load_image(tmp_path):
         load_image(truncated)
     with pytest.raises(ValueError, match="is not a file"):  # InputError is a ValueError
         load_image(tmp_path)
+    with pytest.raises(ValueError, match="min_num <= max_num") as exc:  # an option, not the file
+        load_image(good, max_num=0)
+    assert not isinstance(exc.value, InputError)
+    with pytest.raises(ValueError, match="image_size must be positive"):
+        load_image(good, image_size=0)
 
 
 # ---------------------------------------------------------------- video

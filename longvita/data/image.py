@@ -192,6 +192,9 @@ def load_image(path: str | Path, *, image_size: int = 448, min_num: int = 1, max
         raise InputError(f"image file {str(path)!r} does not exist")
     if not path.is_file():
         raise InputError(f"image path {str(path)!r} is not a file")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    candidate_grids(min_num, max_num)  # bad options fail here, not as a "corrupt file" below
     try:
         # Pillow warns above MAX_IMAGE_PIXELS; large files are handled here by decoding
         # them reduced, so the warning would only be noise on the user's terminal

@@ -211,6 +211,7 @@ def read_video(
         stream = container.streams.video[0]
         average, guessed = stream.average_rate, stream.guessed_rate
         header = _header(container, stream)
+        time_base = stream.time_base  # read while the container is open
         pts = []
         try:
             for p in container.demux(stream):
@@ -220,7 +221,7 @@ def read_video(
             pass  # damaged past this point: use the packets read so far, warned about below
     finally:
         container.close()
-    by_index = any(t is None for t in pts) or stream.time_base is None
+    by_index = any(t is None for t in pts) or time_base is None
     rate = (guessed or average) if by_index else (average or guessed)
     declared, slack = _declared_frames(*header, rate)
     keys = list(range(len(pts))) if by_index else sorted(pts)
