@@ -213,12 +213,13 @@ def read_video(
         header = _header(container, stream)
         time_base = stream.time_base  # read while the container is open
         pts = []
+        demux_failed = False
         try:
             for p in container.demux(stream):
                 if p.size > 0:
                     pts.append(p.pts)
         except (av.FFmpegError, OSError, ValueError):
-            pass  # damaged past this point: use the packets read so far, warned about below
+            demux_failed = True  # damaged past this point: use the packets read so far, warned below
     finally:
         container.close()
     by_index = any(t is None for t in pts) or time_base is None
@@ -236,6 +237,12 @@ def read_video(
         warnings.warn(
             f"video file {str(path)!r}: only {n} of the {declared} frames its header declares are present "
             f"(the file ends early); using {len(indices)} frames sampled from those",
+            VideoWarning, stacklevel=2,
+        )
+    elif demux_failed:
+        warnings.warn(
+            f"video file {str(path)!r}: unreadable after its first {n} frames; "
+            f"using {len(indices)} frames sampled from those",
             VideoWarning, stacklevel=2,
         )
 
