@@ -209,7 +209,7 @@ def load_image(path: str | Path, *, image_size: int = 448, min_num: int = 1, max
                     # the decoder picks the largest power-of-two scale that keeps at
                     # least the requested size; its output is ceil(W / scale) wide
                     img.draft("RGB", (math.ceil(size[0] / factor), math.ceil(size[1] / factor)))
-                    scale = next(a for a in (8, 4, 2, 1) if img.size == (-(-size[0] // a), -(-size[1] // a)))
+                    scale = next((a for a in (8, 4, 2) if img.size == (-(-size[0] // a), -(-size[1] // a))), 1)
                 img.load()  # PIL decodes lazily; force it so corrupt data fails here
                 out = img.convert("RGB")
             rest = _reduction(out.size, need) if factor > 1 else 1
