@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 EXIT_INPUT = 1  # bad input (files, arguments, checkpoints); argparse's own errors exit 2
 
@@ -138,7 +139,7 @@ def cmd_generate(args) -> int:
 
 
 def _generate(args, torch, rank: int, world: int) -> int:
-    from longvita.data import build_inputs, load_image, load_video, tile_image
+    from longvita.data import build_inputs, load_image, read_video, tile_image
     from longvita.pipeline import load_pipeline
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -148,16 +149,22 @@ def _generate(args, torch, rank: int, world: int) -> int:
     load_s = time.perf_counter() - t0
 
     size = cfg.vision.image_size
+    pre = args.preprocess or cfg.preprocess  # the checkpoint's family unless overridden
+
     segments: list = []
+    frames = None
     if args.image:
         for path in args.image:
-            segments.append(tile_image(load_image(path), image_size=size, max_num=args.max_tiles))
+            image = load_image(path, image_size=size, max_num=args.max_tiles)
+            segments.append(tile_image(image, image_size=size, max_num=args.max_tiles, preprocess=pre))
     elif args.model is None and not args.video:
-        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles))
+        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles, preprocess=pre))
     if args.video:
-        segments.append(load_video(args.video, max_frames=args.max_frames, image_size=size))
+        video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre)
+        segments.append(video.pixel_values)
+        frames = video.indices
     segments.append(args.prompt)
-    prompt = build_inputs(pipe.tokenizer, pipe.special, segments, tokens_per_tile=cfg.tokens_per_tile)
+    prompt = build_inputs(pipe.tokenizer, pipe.special, segments, tokens_per_tile=cfg.tokens_per_tile, preprocess=pre)
     n_prompt = int(prompt.input_ids.numel())
     limit = cfg.text.max_position_embeddings
     if n_prompt + args.max_new_tokens > limit:
@@ -227,7 +234,7 @@ def _generate(args, torch, rank: int, world: int) -> int:
                 "seconds": total_s, "decode_tokens_per_s": decode_tps,
                 "tokens_per_s": len(tokens) / total_s if total_s > 0 else 0.0,
                 "cp": world, "kv_tokens": kv_tokens, "peak_memory_gib": peak,
-                "model": pipe.source, "world_size": world,
+                "frames": frames, "preprocess": pre, "model": pipe.source, "world_size": world,
             }))
         else:
             print(text)
@@ -302,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate")
     g.add_argument("--max-tiles", type=int, default=12, help="most tiles per image (dynamic tiling)")
     g.add_argument("--max-frames", type=int, default=4096, help="most video frames")
+    g.add_argument("--preprocess", choices=["long-vita", "internvl"],
+                   help="preprocessing family (tiles, video frames, token layout); unset: the checkpoint's")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass; 1: off")
@@ -326,8 +335,16 @@ def _rank() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        # a user-facing warning (e.g. a video cut short): one line, like errors, once
+        if _rank() == 0:
+            print(f"longvita {args.command}: warning: {str(message).splitlines()[0]}", file=sys.stderr)
+
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores showwarning when main returns
+            warnings.showwarning = one_line_warning
+            return args.func(args)
     except KeyboardInterrupt:
         if _rank() == 0:
             print("longvita: interrupted", file=sys.stderr)

@@ -271,3 +271,36 @@ def test_loss_equals_cross_entropy_of_full_logits():
         assert (g is None) == (p.grad is None)
         if g is not None:
             assert torch.allclose(g, p.grad, rtol=1e-8, atol=1e-12)
+
+
+def test_checkpoint_layout_picks_preprocessing_family(tmp_path):
+    """Each layout's checkpoints were trained on their own family's pixels and token
+    layout: loading picks it without flags; config.json can say otherwise; our own save
+    keeps the family through a round trip."""
+    hf = _hf_model(2, False)
+    hf.save_pretrained(tmp_path / "hf")
+    assert LongVITA.from_pretrained(str(tmp_path / "hf")).config.preprocess == "internvl"
+    _to_long_vita_layout(tmp_path / "hf", tmp_path / "lv")
+    assert LongVITA.from_pretrained(str(tmp_path / "lv")).config.preprocess == "long-vita"
+    _to_long_vita_layout(tmp_path / "hf", tmp_path / "chat", internvl_chat=True)
+    assert LongVITA.from_pretrained(str(tmp_path / "chat")).config.preprocess == "internvl"
+
+    # round trips through save_pretrained (transformers layout on disk) keep the family
+    lv = LongVITA.from_pretrained(str(tmp_path / "lv"))
+    lv.save_pretrained(str(tmp_path / "lv_saved"))
+    assert json.load(open(tmp_path / "lv_saved" / "config.json"))["longvita_preprocess"] == "long-vita"
+    assert LongVITA.from_pretrained(str(tmp_path / "lv_saved")).config.preprocess == "long-vita"
+    LongVITA.from_pretrained(str(tmp_path / "hf")).save_pretrained(str(tmp_path / "hf_saved"))
+    assert LongVITA.from_pretrained(str(tmp_path / "hf_saved")).config.preprocess == "internvl"
+    torch.manual_seed(0)
+    LongVITA(preset("tiny")).save_pretrained(str(tmp_path / "tiny"))  # the embedded default: long-vita
+    assert LongVITA.from_pretrained(str(tmp_path / "tiny")).config.preprocess == "long-vita"
+
+    # an explicit record wins over the layout; an unknown name is a checkpoint error
+    cfg_path = tmp_path / "chat" / "config.json"
+    cfg = json.load(open(cfg_path))
+    json.dump(dict(cfg, longvita_preprocess="long-vita"), open(cfg_path, "w"))
+    assert LongVITA.from_pretrained(str(tmp_path / "chat")).config.preprocess == "long-vita"
+    json.dump(dict(cfg, longvita_preprocess="llava"), open(cfg_path, "w"))
+    with pytest.raises(CheckpointError, match="longvita_preprocess.*llava"):
+        LongVITA.from_pretrained(str(tmp_path / "chat"))

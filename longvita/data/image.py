@@ -1,54 +1,92 @@
 """Image loading and Long-VITA / InternVL dynamic tiling.
 
+Two preprocessing families exist (``PREPROCESS_FAMILIES``); a checkpoint must see the
+pixels and token layout it was trained with, so the family is recorded in the model
+config when a checkpoint loads and can be overridden by name. ``PREPROCESSING.md`` in
+this package lists each family's steps and where they were read.
+
 What this module does, precisely (so it can be checked against a trained checkpoint):
 
-1. Grid choice = InternVL's ``dynamic_preprocess``: the candidate grids are every
-   (cols, rows) with ``min_num <= cols*rows <= max_num``, built as the same Python set
-   and stably sorted by ``cols*rows``; the grid whose aspect ratio ``cols/rows`` is
-   closest to ``width/height`` wins, and on an exact tie a later candidate replaces the
-   earlier one only if ``width*height > 0.5 * image_size**2 * cols*rows`` (a large image
-   prefers more tiles). The order of equal-area candidates is CPython's set iteration
-   order, which is deterministic for small int tuples; it is kept on purpose because it
-   decides exact ties between equal-area grids (only possible with min_num > 1, e.g. a
-   5:4 image between 2x1 and 1x2 when min_num=2, max_num=3), and checkpoints were
-   trained with it.
+1. Grid choice = InternVL's ``dynamic_preprocess`` (Long-VITA uses the same function):
+   the candidate grids are every (cols, rows) with ``min_num <= cols*rows <= max_num``,
+   built as the same Python set and stably sorted by ``cols*rows``; the grid whose aspect
+   ratio ``cols/rows`` is closest to ``width/height`` wins, and on an exact tie a later
+   candidate replaces the earlier one only if ``width*height > 0.5 * image_size**2 *
+   cols*rows`` (a large image prefers more tiles). The order of equal-area candidates is
+   CPython's set iteration order, which is deterministic for small int tuples; it is kept
+   on purpose because it decides exact ties between equal-area grids (only possible with
+   min_num > 1, e.g. a 5:4 image between 2x1 and 1x2 when min_num=2, max_num=3), and
+   checkpoints were trained with it. The grid is chosen from the image's ORIGINAL size,
+   even when ``load_image`` decoded a reduced copy of a very large file.
 2. Grid tiles: the whole image is resized (bicubic, no padding: the grid already
    matches the aspect ratio) to ``(image_size*cols, image_size*rows)`` and cut into
    ``image_size`` squares, row-major.
-3. Thumbnail / single tile (Long-VITA's "pad to square"): the image is padded to a
-   square canvas filled with the image's own per-channel mean colour (rounded to 0..255),
-   centred, then resized bicubic to ``image_size``. When the grid has more than one tile
-   the thumbnail comes FIRST (InternVL appends it last); a 1x1 grid yields just this one
-   padded tile and no thumbnail.
+3. Thumbnail / single tile: the whole image squashed (bicubic resize to
+   ``image_size x image_size``, aspect ratio not kept, no padding), as both families'
+   own code does. A 1x1 grid yields just this one tile and no thumbnail. When the grid
+   has more than one tile the thumbnail comes FIRST for ``long-vita`` (Long-VITA's
+   ``dynamic_preprocess`` prepends it) and LAST for ``internvl`` (InternVL and
+   transformers' ``GotOcr2ImageProcessor`` append it).
 4. Every tile: RGB -> float32 in [0, 1] -> ImageNet mean/std normalisation, (3, S, S).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageStat, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from longvita.data.errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Long-VITA's background for padding video frames to square: ``int(m * 255)`` of the
+# ImageNet mean, truncated as its ``process_images`` does -> (123, 116, 103)
+IMAGENET_MEAN_RGB = tuple(int(m * 255) for m in IMAGENET_MEAN)
+
+LONG_VITA = "long-vita"
+INTERNVL = "internvl"
+PREPROCESS_FAMILIES = (LONG_VITA, INTERNVL)
+DEFAULT_PREPROCESS = LONG_VITA
+
+# A very large image is decoded at a reduced size, but only while the reduced copy keeps
+# at least this many pixels per output pixel in each direction: the bicubic resize that
+# follows then still averages over a wide enough footprint that the tiles barely change
+# (Pillow's own ``reducing_gap`` guidance: 3 is close to exact resampling).
+REDUCING_GAP = 3
 
 __all__ = [
+    "DEFAULT_PREPROCESS",
     "IMAGENET_MEAN",
+    "IMAGENET_MEAN_RGB",
     "IMAGENET_STD",
+    "INTERNVL",
+    "LONG_VITA",
+    "PREPROCESS_FAMILIES",
     "ImageTiles",
     "candidate_grids",
+    "check_preprocess",
     "choose_grid",
     "load_image",
+    "original_size",
     "pad_to_square",
-    "square_tile",
+    "squash_tile",
     "to_tensor",
     "tile_image",
 ]
+
+
+def check_preprocess(name: str, argument: str = "preprocess") -> str:
+    """Return ``name`` if it is a known preprocessing family, else raise ValueError naming
+    ``argument`` and the known names."""
+    if name not in PREPROCESS_FAMILIES:
+        raise ValueError(f"{argument} must be one of {list(PREPROCESS_FAMILIES)}, got {name!r}")
+    return name
 
 
 @dataclass
@@ -56,16 +94,20 @@ class ImageTiles:
     """One image cut into tiles, in the order their context tokens appear.
 
     pixel_values: float32 ``(n_tiles, 3, S, S)``; ``n_tiles = 1 + rows*cols`` when
-        ``has_thumbnail`` (thumbnail first, then grid tiles row-major), else 1.
+        ``has_thumbnail`` (``long-vita``: thumbnail first, then grid tiles row-major;
+        ``internvl``: grid tiles row-major, then the thumbnail), else 1.
     grid: ``(rows, cols)`` of the grid tiles; ``(1, 1)`` for a single-tile image.
-    has_thumbnail: True when pixel_values[0] is a thumbnail followed by grid tiles.
+    has_thumbnail: True when pixel_values holds a thumbnail besides the grid tiles.
+    preprocess: the family whose tile order (and token layout) these tiles follow.
     """
 
     pixel_values: torch.Tensor
     grid: tuple[int, int]
     has_thumbnail: bool
+    preprocess: str = DEFAULT_PREPROCESS
 
     def __post_init__(self):
+        check_preprocess(self.preprocess, "ImageTiles.preprocess")
         pv, (rows, cols) = self.pixel_values, self.grid
         if pv.dim() != 4 or pv.shape[1] != 3 or pv.shape[2] != pv.shape[3]:
             raise ValueError(f"ImageTiles.pixel_values must be (n_tiles, 3, S, S), got {tuple(pv.shape)}")
@@ -83,21 +125,105 @@ class ImageTiles:
         return self.pixel_values.shape[0]
 
 
-def load_image(path: str | Path) -> Image.Image:
+def _reduced(image: Image.Image) -> tuple[int, int, int] | None:
+    """``(W, H, factor)`` when ``image`` is a reduced decode made by ``load_image``, else
+    None. Pillow copies ``info`` through ``convert`` but also through ``crop`` and
+    friends, so the record counts only while the size still matches it."""
+    size, factor = image.info.get("original_size"), image.info.get("reduced_by")
+    if not size or not factor:
+        return None
+    w, h = size
+    if image.size != (-(-w // factor), -(-h // factor)):
+        return None
+    return w, h, factor
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of the file an image was decoded from: ``load_image`` records it
+    in ``image.info["original_size"]`` when it decoded a reduced copy; otherwise (or once
+    the image was cropped or resized since) the image's own size."""
+    reduced = _reduced(image)
+    return reduced[:2] if reduced else image.size
+
+
+def _resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Bicubic resize of the whole picture. For a reduced decode the source box is the
+    original extent in reduced pixels (``W / factor``): the last row and column of a
+    reduction by a factor that does not divide the size are partial, and resizing the
+    full reduced image would stretch the picture by up to a reduced pixel (Pillow's own
+    ``reducing_gap`` path passes the same box)."""
+    reduced = _reduced(image)
+    box = None
+    if reduced and image.size != tuple(size):
+        w, h, factor = reduced
+        box = (0.0, 0.0, w / factor, h / factor)
+    return image.resize(tuple(size), Image.Resampling.BICUBIC, box=box)
+
+
+def _needed_canvas(size: tuple[int, int], image_size: int, min_num: int, max_num: int) -> tuple[int, int]:
+    # the largest thing resized from the full image: the grid canvas (the thumbnail,
+    # image_size square, is never larger in either direction)
+    rows, cols = choose_grid(*size, image_size=image_size, min_num=min_num, max_num=max_num)
+    return image_size * cols, image_size * rows
+
+
+def _reduction(have: tuple[int, int], need: tuple[int, int]) -> int:
+    return max(1, min(have[0] // (REDUCING_GAP * need[0]), have[1] // (REDUCING_GAP * need[1])))
+
+
+def load_image(path: str | Path, *, image_size: int = 448, min_num: int = 1, max_num: int = 12) -> Image.Image:
     """Open an image file fully decoded as RGB (alpha is dropped; EXIF orientation is
     not applied, matching InternVL / Long-VITA preprocessing).
 
-    Raises InputError naming the file if it is missing, not a file, or not a
-    decodable image (including truncated data: decoding is forced here, not later)."""
+    A file far larger than its tiles need (more than ``REDUCING_GAP`` times the grid
+    canvas that ``tile_image`` with the same ``image_size``/``min_num``/``max_num``
+    resizes to, in both directions) is decoded reduced, so memory and time stay bounded:
+    JPEG through the decoder's DCT scaling (``Image.draft``), other formats by an integer
+    box reduction (``Image.reduce``) after decoding. The original size is then kept in
+    ``image.info["original_size"]`` (the reduction factor in ``"reduced_by"``):
+    ``tile_image`` chooses the grid from it and resizes from the original extent. Smaller
+    files decode exactly as ``Image.open(path).convert("RGB")``.
+
+    Raises InputError naming the file if it is missing, not a file, not a decodable image
+    (including truncated data: decoding is forced here, not later), or larger than
+    Pillow's decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS`` pixels)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"image file {str(path)!r} does not exist")
     if not path.is_file():
         raise InputError(f"image path {str(path)!r} is not a file")
+    if image_size <= 0:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    candidate_grids(min_num, max_num)  # bad options fail here, not as a "corrupt file" below
     try:
-        with Image.open(path) as img:
-            img.load()  # PIL decodes lazily; force it so corrupt data fails here
-            return img.convert("RGB")
+        # Pillow warns above MAX_IMAGE_PIXELS; large files are handled here by decoding
+        # them reduced, so the warning would only be noise on the user's terminal
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                size = img.size
+                need = _needed_canvas(size, image_size, min_num, max_num)
+                factor = _reduction(size, need)
+                scale = 1
+                if factor > 1 and img.format == "JPEG":
+                    # the decoder picks the largest power-of-two scale that keeps at
+                    # least the requested size; its output is ceil(W / scale) wide
+                    img.draft("RGB", (math.ceil(size[0] / factor), math.ceil(size[1] / factor)))
+                    scale = next((a for a in (8, 4, 2) if img.size == (-(-size[0] // a), -(-size[1] // a))), 1)
+                img.load()  # PIL decodes lazily; force it so corrupt data fails here
+                out = img.convert("RGB")
+            rest = _reduction(out.size, need) if factor > 1 else 1
+            if rest > 1:
+                out = out.reduce(rest)
+            if scale * rest > 1:
+                out.info["original_size"] = size
+                out.info["reduced_by"] = scale * rest
+            return out
+    except Image.DecompressionBombError as exc:
+        raise InputError(
+            f"image file {str(path)!r} is too large to decode safely ({exc}); "
+            "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted"
+        ) from None
     except UnidentifiedImageError:
         raise InputError(f"image file {str(path)!r} is not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:  # truncated / malformed payloads
@@ -138,17 +264,16 @@ def choose_grid(width: int, height: int, *, image_size: int = 448, min_num: int 
     return best[1], best[0]
 
 
-def pad_to_square(image: Image.Image) -> Image.Image:
-    """Centre the image (as RGB) on a square canvas filled with its mean colour."""
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre the image (as RGB) on a square canvas of colour ``fill`` (Long-VITA's
+    ``expand2square``: offset ``(side - w) // 2``, ``(side - h) // 2``)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
     w, h = image.size
     if w == h:
         return image
-    # ImageStat works from per-band histograms: no float copy of a large photo
-    colour = tuple(int(round(c)) for c in ImageStat.Stat(image).mean)
     side = max(w, h)
-    canvas = Image.new("RGB", (side, side), colour)
+    canvas = Image.new("RGB", (side, side), tuple(fill))
     canvas.paste(image, ((side - w) // 2, (side - h) // 2))
     return canvas
 
@@ -164,11 +289,10 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return ((t - mean) / std).contiguous()
 
 
-def square_tile(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Pad to square with the mean colour, resize bicubic, normalise -> (3, S, S).
-    Used for the thumbnail, a single-tile image and every video frame."""
-    img = pad_to_square(image.convert("RGB")).resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return to_tensor(img)
+def squash_tile(image: Image.Image, image_size: int) -> torch.Tensor:
+    """Resize the whole image bicubic to ``image_size`` square (aspect ratio not kept),
+    normalise -> (3, S, S). The thumbnail and a single-tile image, in both families."""
+    return to_tensor(_resize(image.convert("RGB"), (image_size, image_size)))
 
 
 def tile_image(
@@ -177,24 +301,26 @@ def tile_image(
     image_size: int = 448,
     min_num: int = 1,
     max_num: int = 12,
+    preprocess: str = DEFAULT_PREPROCESS,
 ) -> ImageTiles:
-    """Cut an image into Long-VITA's dynamic tiles (see the module docstring).
+    """Cut an image into dynamic tiles (see the module docstring).
 
     Returns ImageTiles with pixel_values float32 ``(n_tiles, 3, image_size, image_size)``:
-    the thumbnail then ``rows*cols`` grid tiles, or one padded tile for a 1x1 grid.
-    (No option to drop the thumbnail: Long-VITA always uses it, and the token layout
-    puts it in the ``<img>`` block.)"""
+    the thumbnail and ``rows*cols`` grid tiles in ``preprocess``'s order, or one squashed
+    tile for a 1x1 grid. (No option to drop the thumbnail: both families always use it.)"""
+    check_preprocess(preprocess)
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     image = image.convert("RGB")
-    rows, cols = choose_grid(*image.size, image_size=image_size, min_num=min_num, max_num=max_num)
+    rows, cols = choose_grid(*original_size(image), image_size=image_size, min_num=min_num, max_num=max_num)
     if rows * cols == 1:
-        return ImageTiles(square_tile(image, image_size).unsqueeze(0), (1, 1), False)
+        return ImageTiles(squash_tile(image, image_size).unsqueeze(0), (1, 1), False, preprocess)
 
-    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    resized = _resize(image, (image_size * cols, image_size * rows))
     big = to_tensor(resized)  # (3, rows*S, cols*S)
     # (3, rows, S, cols, S) -> (rows, cols, 3, S, S): row-major tiles, same as cropping boxes
     grid = big.view(3, rows, image_size, cols, image_size).permute(1, 3, 0, 2, 4)
     tiles = grid.reshape(rows * cols, 3, image_size, image_size)
-    thumbnail = square_tile(image, image_size).unsqueeze(0)
-    return ImageTiles(torch.cat([thumbnail, tiles]), (rows, cols), True)
+    thumbnail = squash_tile(image, image_size).unsqueeze(0)
+    ordered = [thumbnail, tiles] if preprocess == LONG_VITA else [tiles, thumbnail]
+    return ImageTiles(torch.cat(ordered), (rows, cols), True, preprocess)

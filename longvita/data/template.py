@@ -1,4 +1,4 @@
-"""Qwen2 ChatML prompt with Long-VITA's media token layout.
+"""Qwen2 ChatML prompt with each preprocessing family's media token layout.
 
 Prompt (system turn optional)::
 
@@ -8,10 +8,20 @@ Prompt (system turn optional)::
 ``content`` concatenates the segments exactly as given (no separators are added):
 text, images and videos in any order. With N = tokens per tile:
 
+``long-vita`` (Long-VITA's layout):
+
 - image: ``<img>`` + N ``<IMG_CONTEXT>`` + ``</img>`` for the thumbnail (or the single
   tile of a 1x1 image), then for each grid row ``\\n`` followed by, per tile,
   ``<patch>`` + N ``<PATCH_CONTEXT>`` + ``</patch>``;
 - video: per frame ``<vid>`` + N ``<VID_CONTEXT>`` + ``</vid>``.
+
+``internvl`` (transformers' ``InternVLProcessor``: ``replace_image_token`` /
+``replace_video_token``):
+
+- image: ``<img>`` + N * n_tiles ``<IMG_CONTEXT>`` + ``</img>``, one block for all tiles
+  (grid tiles row-major, then the thumbnail);
+- video: frames joined by ``\\n``, frame i (from 1) as ``Frame{i}: `` + ``<img>`` +
+  N ``<IMG_CONTEXT>`` + ``</img>``.
 
 Media ids are emitted directly rather than spelled out in a string and re-tokenised:
 every text run is bounded by special tokens, where the tokenizer splits anyway, so the
@@ -28,7 +38,7 @@ import torch
 from tokenizers import Tokenizer
 
 from longvita.data.errors import InputError
-from longvita.data.image import ImageTiles
+from longvita.data.image import DEFAULT_PREPROCESS, LONG_VITA, ImageTiles, check_preprocess
 from longvita.data.tokenizer import SpecialTokens
 
 __all__ = ["PackedPrompt", "Segment", "build_inputs", "tokens_per_tile"]
@@ -68,14 +78,19 @@ def build_inputs(
     *,
     tokens_per_tile: int,
     system: str | None = None,
+    preprocess: str = DEFAULT_PREPROCESS,
 ) -> PackedPrompt:
-    """Lay out one user turn of ChatML with interleaved media (see the module docstring).
+    """Lay out one user turn of ChatML with interleaved media in ``preprocess``'s layout
+    (see the module docstring).
 
     segments: str, ImageTiles, or a video tensor ``(frames, 3, S, S)``; every tile of
         every medium must share S.
     tokens_per_tile: N context tokens per tile (``tokens_per_tile()`` computes it).
-    Raises InputError for a malformed segment, for text that contains a media token (it
-    would desynchronise tokens and pixels), or for a token the tokenizer lacks."""
+    Raises InputError for a malformed segment, for an ImageTiles made for another
+    family (its thumbnail would sit at the wrong place), for text that contains a media
+    token (it would desynchronise tokens and pixels), or for a token the tokenizer lacks."""
+    check_preprocess(preprocess)
+    long_vita = preprocess == LONG_VITA
     if tokens_per_tile < 1:
         raise ValueError(f"tokens_per_tile must be >= 1, got {tokens_per_tile}")
     media_ids = special.media_token_ids
@@ -109,8 +124,16 @@ def build_inputs(
         if isinstance(seg, str):
             pending_text.append(seg)
         elif isinstance(seg, ImageTiles):
-            flush_text()
+            if seg.preprocess != preprocess:
+                raise InputError(
+                    f"segment {k} (image) was tiled for preprocess={seg.preprocess!r} but the prompt is laid out "
+                    f"for {preprocess!r}; tile it with tile_image(..., preprocess={preprocess!r})"
+                )
             add_pixels(seg.pixel_values, f"segment {k} (image)")
+            flush_text()
+            if not long_vita:  # every tile in one <img> block, thumbnail last
+                ids += [special.img_start] + [special.img_context] * (tokens_per_tile * seg.num_tiles) + [special.img_end]
+                continue
             ids += block(special.img_start, special.img_context, special.img_end)
             if seg.has_thumbnail:
                 rows, cols = seg.grid
@@ -125,8 +148,15 @@ def build_inputs(
                 raise InputError(f"segment {k} (video) must be a (frames>0, 3, S, S) tensor, got shape {tuple(seg.shape)}")
             if not seg.is_floating_point():
                 raise InputError(f"segment {k} (video) must be a float tensor, got {seg.dtype}")
-            flush_text()
             add_pixels(seg, f"segment {k} (video)")
+            if not long_vita:  # "Frame{i}: " text before each frame's <img> block
+                img = block(special.img_start, special.img_context, special.img_end)
+                for i in range(seg.shape[0]):
+                    pending_text.append(("\n" if i else "") + f"Frame{i + 1}: ")
+                    flush_text()
+                    ids += img
+                continue
+            flush_text()
             frame = block(special.require("vid_start"), special.require("vid_context"), special.require("vid_end"))
             ids += frame * seg.shape[0]
         else:

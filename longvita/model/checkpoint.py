@@ -10,6 +10,9 @@ Three layouts load onto one module tree:
 - ``internvl_chat``: InternVL's original layout (``vision_model.*``, ``mlp1.{0,1,3}``,
   ``language_model.*``).
 The projector's width and biases are read from the weights, so both projector families load.
+The preprocessing family (``LongVITAConfig.preprocess``) follows the layout: ``long_vita``
+-> ``long-vita``; ``transformers`` and ``internvl_chat`` -> ``internvl``; a config.json
+that records ``longvita_preprocess`` (``save_pretrained`` writes it) keeps its own.
 ``save_pretrained`` writes the transformers layout.
 """
 
@@ -21,7 +24,7 @@ import re
 
 import torch
 
-from longvita.model.config import LongVITAConfig, ProjectorConfig, TextConfig, VisionConfig
+from longvita.model.config import PREPROCESS_FAMILIES, LongVITAConfig, ProjectorConfig, TextConfig, VisionConfig
 
 
 class CheckpointError(ValueError):
@@ -110,7 +113,15 @@ def config_from_dict(cfg: dict, layout: str) -> LongVITAConfig:
         scale = cfg.get("downsample_ratio", 0.5)
         ids = ()
     proj = ProjectorConfig(scale_factor=scale, layer_norm_eps=cfg.get("projector_layer_norm_eps", 1e-5))
-    return LongVITAConfig(vision=vision, projector=proj, text=text, tie_word_embeddings=bool(tie), image_token_ids=ids)
+    # each family's checkpoints were trained on its own pixels and token layout
+    preprocess = cfg.get("longvita_preprocess", _LAYOUT_PREPROCESS[layout])
+    if preprocess not in PREPROCESS_FAMILIES:
+        raise CheckpointError(f"config.json: longvita_preprocess must be one of {list(PREPROCESS_FAMILIES)}, got {preprocess!r}")
+    return LongVITAConfig(vision=vision, projector=proj, text=text, tie_word_embeddings=bool(tie), image_token_ids=ids,
+                          preprocess=preprocess)
+
+
+_LAYOUT_PREPROCESS = {"long_vita": "long-vita", "transformers": "internvl", "internvl_chat": "internvl"}
 
 
 # ------------------------------------------------------------------------------ key maps
@@ -351,6 +362,7 @@ def to_transformers_config(config: LongVITAConfig) -> dict:
         # back from the weights, the placeholder ids from here
         "longvita_image_token_ids": list(config.image_token_ids),
         "projector_layer_norm_eps": p.layer_norm_eps,
+        "longvita_preprocess": config.preprocess,  # so a round trip keeps the family
     }
     if config.image_token_ids:
         cfg["image_token_id"] = config.image_token_ids[0]

@@ -3,6 +3,10 @@
 Long-VITA-14B = InternViT-300M-448px -> pixel shuffle (0.5) -> LayerNorm(4096) ->
 Linear(4096->1024, no bias) -> GELU -> Linear(1024->5120, no bias) -> Qwen2.5-14B.
 InternVL's own projector has biases and a 5120-wide middle, so width and biases are config.
+
+``LongVITAConfig.preprocess`` names the preprocessing family the checkpoint was trained
+with (``long-vita`` or ``internvl``: thumbnail position, video frame padding and
+sampling, media token layout); the data layer implements both.
 """
 
 from __future__ import annotations
@@ -79,6 +83,11 @@ class TextConfig:
             self.head_dim = self.hidden_size // self.num_heads
 
 
+# the preprocessing families longvita.data implements (kept in step with
+# longvita.data.image.PREPROCESS_FAMILIES by a test: model does not import data)
+PREPROCESS_FAMILIES = ("long-vita", "internvl")
+
+
 @dataclass
 class LongVITAConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -89,6 +98,10 @@ class LongVITAConfig:
     # (<IMG_CONTEXT>, <PATCH_CONTEXT>, <VID_CONTEXT>); they come from the checkpoint's
     # tokenizer or config, never hard-coded
     image_token_ids: tuple[int, ...] = ()
+    # which family's preprocessing the checkpoint expects; loading a checkpoint sets it
+    # from its layout (Long-VITA's -> long-vita, InternVL's and transformers' -> internvl)
+    # unless its config.json records it; new models (the tiny preset) use Long-VITA's
+    preprocess: str = "long-vita"
 
     @property
     def tokens_per_tile(self) -> int:
@@ -122,6 +135,8 @@ class LongVITAConfig:
                 problems.append(f"{where} {act!r} is not implemented (supported: {', '.join(allowed)})")
         if t.max_position_embeddings < 1:
             problems.append(f"text.max_position_embeddings ({t.max_position_embeddings}) must be >= 1")
+        if self.preprocess not in PREPROCESS_FAMILIES:
+            problems.append(f"preprocess must be one of {list(PREPROCESS_FAMILIES)}, got {self.preprocess!r}")
         if problems:
             raise ValueError("invalid LongVITAConfig: " + "; ".join(problems))
         return self
@@ -137,6 +152,7 @@ class LongVITAConfig:
             text=TextConfig(**d.get("text", {})),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             image_token_ids=tuple(d.get("image_token_ids", ())),
+            preprocess=d.get("preprocess", "long-vita"),
         ).validate()
 
 
