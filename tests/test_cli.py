@@ -38,9 +38,29 @@ def test_generate_default_json_subprocess():
 
 
 def test_info_subprocess():
+    """info names the backend each kernel really runs (a user's shell: no interpreter)."""
     r = _run("info")
     assert r.returncode == 0, r.stderr
-    for word in ("torch", "triton", "native extension", "varlen_attention="):
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import json, torch\n"
+         "from longvita.kernels._backend import kernel_backends\n"
+         "print(json.dumps({str(d).replace('torch.', ''): kernel_backends(torch.device('cpu'), d)"
+         " for d in (torch.float32, torch.bfloat16)}))"],
+        capture_output=True, text=True, env=e, timeout=300, cwd=tempfile.gettempdir(),
+    )
+    expected = json.loads(probe.stdout)
+    from longvita._ext import native
+
+    # on a CPU the pixel shuffle runs the C++ path when the extension is built (what the
+    # old info got wrong), the others their torch paths
+    assert expected["float32"]["pixel_shuffle"] == ("cpp" if native() is not None else "torch")
+    assert expected["float32"]["varlen_attention"] == "torch"
+    for dtype, backends in expected.items():
+        line = f"cpu {dtype}: " + ", ".join(f"{k}={v}" for k, v in backends.items())
+        assert line in r.stdout, (line, r.stdout)
+    for word in ("torch", "triton", "native extension"):
         assert word in r.stdout
 
 
