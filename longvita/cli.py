@@ -160,7 +160,8 @@ def _generate(args, torch, rank: int, world: int) -> int:
     elif args.model is None and not args.video:
         segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles, preprocess=pre))
     if args.video:
-        video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre)
+        # raw: frames stay uint8 (a quarter of float32) until the vision tower normalises a chunk
+        video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre, raw=True)
         segments.append(video.pixel_values)
         frames = video.indices
     segments.append(args.prompt)
@@ -182,10 +183,11 @@ def _generate(args, torch, rank: int, world: int) -> int:
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    # media stay on the CPU (video frames as uint8): the model moves and normalises one
+    # bounded chunk of tiles at a time, and under CP each rank only the tiles it owns
     if world > 1:
         from longvita.dist.inference import ContextParallelGenerator
 
-        # media stay on the CPU: each rank moves only the tiles it encodes
         cp = ContextParallelGenerator(model)
         stream = cp.generate(
             input_ids, prompt.pixel_values, max_new_tokens=args.max_new_tokens,
@@ -193,9 +195,8 @@ def _generate(args, torch, rank: int, world: int) -> int:
         )
     else:
         cp = None
-        pixels = None if prompt.pixel_values is None else prompt.pixel_values.to(pipe.device, pipe.dtype)
         stream = model.generate(
-            input_ids, pixels, max_new_tokens=args.max_new_tokens, eos_token_id=pipe.special.eos_token_id,
+            input_ids, prompt.pixel_values, max_new_tokens=args.max_new_tokens, eos_token_id=pipe.special.eos_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
             prefill_chunk=args.prefill_chunk,
         )

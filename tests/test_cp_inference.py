@@ -68,12 +68,42 @@ def _reference(model, ids, pixels, steps):
     return tokens, logits
 
 
-def _run(rank, world, seed):
+def _write_mp4(path, seed):
+    """A real 3-second clip at 3 fps (9 frames) with random content, encoded by PyAV."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=3)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(9):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def _all_prompts(seed, cfg, video_path):
+    prompts = _prompts(seed, cfg)
+    if video_path is not None:  # the frames stay uint8, as the CLI passes them
+        from longvita.data.video import read_video
+
+        frames = read_video(video_path, image_size=cfg.vision.image_size, raw=True).pixel_values
+        g = torch.Generator().manual_seed(seed + 2)
+        slots = torch.full((frames.shape[0] * cfg.tokens_per_tile,), SLOT)
+        prompts["mp4"] = (torch.cat([torch.randint(0, 400, (5,), generator=g), slots,
+                                     torch.randint(0, 400, (9,), generator=g)]), frames)
+    return prompts
+
+
+def _run(rank, world, seed, video_path=None):
     from longvita.dist.inference import ContextParallelGenerator
 
     model = _model(seed)
     results = {}
-    for name, (ids, pixels) in _prompts(seed, model.config).items():
+    for name, (ids, pixels) in _all_prompts(seed, model.config, video_path).items():
         seen = []
         real = model.image_embeddings
         model.image_embeddings = lambda p, real=real: (seen.append(p.shape[0]), real(p))[1]
@@ -109,12 +139,12 @@ def _sampling():
 SAMPLING = _sampling()
 
 
-def _worker(rank, world, init_file, out_dir, seed):
+def _worker(rank, world, init_file, out_dir, seed, video_path):
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=90))
         torch.set_num_threads(1)
-        res = _run(rank, world, seed)
+        res = _run(rank, world, seed, video_path)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
@@ -125,8 +155,8 @@ def _worker(rank, world, init_file, out_dir, seed):
             dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path, seed, deadline_s=180):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed), nprocs=world,
+def _spawn(world, tmp_path, seed, video_path, deadline_s=180):
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed, video_path), nprocs=world,
                              join=False, start_method="spawn")
     try:
         t0 = time.monotonic()
@@ -155,13 +185,21 @@ def _expected_tiles(ids, world, rank, tpt):
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_cp_generation_equals_single_process_recompute(world, tmp_path):
     seed = int(torch.randint(0, 2**30, ()).item())
+    video_path = None
+    try:
+        import av  # noqa: F401
+
+        video_path = str(tmp_path / "clip.mp4")
+        _write_mp4(video_path, seed)
+    except ImportError:  # without PyAV the image and text cases still run
+        pass
     if world == 1:  # no process group at all: the same code on one rank
-        results = [_run(0, 1, seed)]
+        results = [_run(0, 1, seed, video_path)]
     else:
-        results = _spawn(world, tmp_path, seed)
+        results = _spawn(world, tmp_path, seed, video_path)
     model = _model(seed)
     tpt = model.config.tokens_per_tile
-    for name, (ids, pixels) in _prompts(seed, model.config).items():
+    for name, (ids, pixels) in _all_prompts(seed, model.config, video_path).items():
         want, want_logits = _reference(model, ids, pixels, NEW_TOKENS)
         steps_seen = set()
         for rank, res in enumerate(results):

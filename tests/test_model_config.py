@@ -223,3 +223,14 @@ def test_sampling_filters():
     for bad in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             Sampling(**bad)
+
+
+def test_uint8_pixels_are_normalised_by_the_encoder_exactly():
+    """Raw frames (uint8) give the same embeddings as frames normalised by longvita.data."""
+    from longvita.data.image import normalize
+
+    model = LongVITA(preset("tiny")).eval()
+    s = model.config.vision.image_size
+    raw = torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model.image_embeddings(raw), model.image_embeddings(normalize(raw)))

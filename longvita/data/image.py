@@ -76,7 +76,9 @@ __all__ = [
     "original_size",
     "pad_to_square",
     "squash_tile",
+    "normalize",
     "to_tensor",
+    "to_uint8",
     "tile_image",
 ]
 
@@ -278,21 +280,35 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image
     return canvas
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ImageNet-normalised float32 tensor (3, H, W)."""
+def to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> its pixels as a uint8 tensor (3, H, W), not normalised (a quarter
+    of float32's memory: how video frames wait for the vision tower)."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    t = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((t - mean) / std).contiguous()
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
-def squash_tile(image: Image.Image, image_size: int) -> torch.Tensor:
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> ImageNet-normalised float32, on their device:
+    ``(x / 255 - mean) / std`` in float32. The vision encoder does the same to uint8 input."""
+    if pixels.dtype != torch.uint8:
+        raise ValueError(f"normalize expects uint8 pixels, got {pixels.dtype}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean) / std
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ImageNet-normalised float32 tensor (3, H, W)."""
+    return normalize(to_uint8(image))
+
+
+def squash_tile(image: Image.Image, image_size: int, *, raw: bool = False) -> torch.Tensor:
     """Resize the whole image bicubic to ``image_size`` square (aspect ratio not kept),
-    normalise -> (3, S, S). The thumbnail and a single-tile image, in both families."""
-    return to_tensor(_resize(image.convert("RGB"), (image_size, image_size)))
+    normalise -> (3, S, S) (``raw=True``: its uint8 pixels). The thumbnail and a
+    single-tile image, in both families."""
+    pixels = to_uint8(_resize(image.convert("RGB"), (image_size, image_size)))
+    return pixels if raw else normalize(pixels)
 
 
 def tile_image(

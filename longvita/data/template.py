@@ -38,7 +38,7 @@ import torch
 from tokenizers import Tokenizer
 
 from longvita.data.errors import InputError
-from longvita.data.image import DEFAULT_PREPROCESS, LONG_VITA, ImageTiles, check_preprocess
+from longvita.data.image import DEFAULT_PREPROCESS, LONG_VITA, ImageTiles, check_preprocess, normalize
 from longvita.data.tokenizer import SpecialTokens
 
 __all__ = ["PackedPrompt", "Segment", "build_inputs", "tokens_per_tile"]
@@ -63,7 +63,8 @@ class PackedPrompt:
     """One tokenised prompt.
 
     input_ids: int64 ``(seq_len,)``.
-    pixel_values: float ``(n_tiles, 3, S, S)`` in the order of the tiles' context tokens
+    pixel_values: ``(n_tiles, 3, S, S)`` normalised float, or uint8 pixels when every medium
+        is (raw video frames; the vision encoder normalises them), in the order of the tiles' context tokens
         (tile k fills the k-th block of N context tokens), or None without media.
     """
 
@@ -146,8 +147,8 @@ def build_inputs(
         elif isinstance(seg, torch.Tensor):
             if seg.dim() != 4 or seg.shape[1] != 3 or seg.shape[2] != seg.shape[3] or seg.shape[0] == 0:
                 raise InputError(f"segment {k} (video) must be a (frames>0, 3, S, S) tensor, got shape {tuple(seg.shape)}")
-            if not seg.is_floating_point():
-                raise InputError(f"segment {k} (video) must be a float tensor, got {seg.dtype}")
+            if not (seg.is_floating_point() or seg.dtype == torch.uint8):
+                raise InputError(f"segment {k} (video) must be normalised float or uint8 pixels, got {seg.dtype}")
             add_pixels(seg, f"segment {k} (video)")
             if not long_vita:  # "Frame{i}: " text before each frame's <img> block
                 img = block(special.img_start, special.img_context, special.img_end)
@@ -164,5 +165,7 @@ def build_inputs(
     pending_text.append("<|im_end|>\n<|im_start|>assistant\n")
     flush_text()
 
+    if len({p.dtype for p in pixels}) > 1:  # uint8 frames beside float tiles: one dtype for all
+        pixels = [normalize(p) if p.dtype == torch.uint8 else p for p in pixels]
     pixel_values = torch.cat(pixels) if pixels else None
     return PackedPrompt(torch.tensor(ids, dtype=torch.long), pixel_values)

@@ -37,6 +37,10 @@ class VisionConfig:
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu"
     select_layer: int = -1  # which layer's output feeds the projector (-1: the last)
+    # per-channel normalisation the encoder applies to uint8 pixels (float input arrives
+    # normalised); both families use ImageNet's
+    pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     @property
     def head_dim(self) -> int:

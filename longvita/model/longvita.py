@@ -43,26 +43,20 @@ class LongVITA(nn.Module):
 
     # ------------------------------------------------------------------ embeddings
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (tiles, 3, S, S) -> (tiles * tokens_per_tile, text_hidden)."""
+        """pixel_values (tiles, 3, S, S), normalised float or uint8 pixels ->
+        (tiles * tokens_per_tile, text_hidden), all tiles at once."""
         features = self.vision(pixel_values)  # (tiles, patches, vision_hidden)
         return self.projector(features).flatten(0, 1)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (tokens, hidden) with the tiles' projected embeddings in the
-        image-context slots, in order. Every slot must have its tile: for media encoded
-        elsewhere (another rank, a chunk, a cache) use ``place_media`` and ``inputs_embeds=``."""
-        embeds = self.text.embed_tokens(input_ids)  # (tokens, hidden)
+        image-context slots, in order (the tiles pass the vision tower in bounded chunks).
+        Every slot must have its tile: for media encoded elsewhere (another rank, a chunk,
+        a cache) use ``place_media`` and ``inputs_embeds=``."""
         if pixel_values is None:
-            return embeds
-        mask = self.media_mask(input_ids)
-        image_embeds = self.image_embeddings(pixel_values).to(embeds.dtype)
-        n_slots = int(mask.sum())
-        if n_slots != image_embeds.shape[0]:
-            raise ValueError(
-                f"input_ids hold {n_slots} image-context tokens but pixel_values give {image_embeds.shape[0]} "
-                f"({pixel_values.shape[0]} tiles x {self.config.tokens_per_tile} tokens per tile)"
-            )
-        return embeds.masked_scatter(mask.unsqueeze(-1), image_embeds)
+            return self.text.embed_tokens(input_ids)  # (tokens, hidden)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.embed_rows(input_ids, pixel_values, rows)[0]
 
     def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool (tokens,): which tokens are image/video-context slots."""
@@ -228,7 +222,7 @@ class LongVITA(nn.Module):
         out = torch.empty(tiles.numel() * tpt, embeds.shape[1], dtype=embeds.dtype, device=dev)
         for start in range(0, tiles.numel(), tiles_per_chunk):
             chunk = tiles[start : start + tiles_per_chunk]
-            pixels = pixel_values.index_select(0, chunk.to(pixel_values.device)).to(dev, self.vision.patch_embed.weight.dtype)
+            pixels = pixel_values.index_select(0, chunk.to(pixel_values.device)).to(dev)  # uint8 stays uint8
             out[start * tpt : (start + chunk.numel()) * tpt] = self.image_embeddings(pixels).to(embeds.dtype)
         media = out.index_select(0, which * tpt + slots % tpt)
         return self.place_media(embeds, local, media), int(tiles.numel())

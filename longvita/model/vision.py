@@ -87,12 +87,19 @@ class VisionEncoder(nn.Module):
         return torch.cat([cls_pos, patch_pos], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (tiles, 3, S, S) -> patch features without CLS (tiles, (S/p)^2, hidden)."""
+        """pixel_values (tiles, 3, S, S), normalised float or uint8 pixels -> patch features
+        without CLS (tiles, (S/p)^2, hidden)."""
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.cfg.num_channels:
             raise ValueError(
                 f"pixel_values must be (tiles, {self.cfg.num_channels}, H, W), got {tuple(pixel_values.shape)}"
             )
-        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # (tiles, hidden, gh, gw)
+        weight = self.patch_embed.weight
+        if pixel_values.dtype == torch.uint8:  # raw pixels (video frames): normalise here, on the device
+            pixels = pixel_values.to(weight.device, torch.float32)
+            mean = torch.tensor(self.cfg.pixel_mean, dtype=torch.float32, device=weight.device).view(3, 1, 1)
+            std = torch.tensor(self.cfg.pixel_std, dtype=torch.float32, device=weight.device).view(3, 1, 1)
+            pixel_values = (pixels / 255.0 - mean) / std  # as longvita.data.image.normalize
+        x = self.patch_embed(pixel_values.to(weight.device, weight.dtype))  # (tiles, hidden, gh, gw)
         tiles, hidden, gh, gw = x.shape
         x = x.flatten(2).transpose(1, 2)  # (tiles, gh*gw, hidden)
         x = torch.cat([self.cls_token.expand(tiles, -1, -1), x], dim=1) + self._positions(gh, gw)
