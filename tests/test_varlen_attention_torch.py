@@ -24,6 +24,8 @@ from longvita.kernels import reference as ref
 from longvita.kernels import varlen_attention_torch as vat
 from longvita.kernels.varlen_attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
 
+from _dense_attention import dense_masked_attention  # tests/ is on sys.path (pytest's rootdir insertion)
+
 LENS = [0, 1, 17, 5, 0, 37]  # zero-length docs, a single token, primes, not multiples of 16
 
 
@@ -153,33 +155,6 @@ def test_autograd_through_public_function(small_blocks):
 # ---------------------------------------------------------------------------------------
 
 
-def dense_masked_attention(q, k, v, cu_q, cu_k, scale, left, right, causal):
-    """float64 attention with the mask built element by element from flash-attn's rule:
-    query i of a document sees key j when i + Lk - Lq - left <= j <= i + Lk - Lq + right
-    (a bound of -1 is unlimited) and, when causal, j <= i + Lk - Lq."""
-    out = torch.zeros(q.shape, dtype=torch.float64)
-    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float64)
-    groups = q.shape[1] // k.shape[1]
-    for q0, q1, k0, k1 in ref._doc_ranges(cu_q, cu_k):
-        lq, lk = q1 - q0, k1 - k0
-        mask = torch.zeros(lq, lk, dtype=torch.bool)
-        for i in range(lq):
-            for j in range(lk):
-                d = i + lk - lq
-                mask[i, j] = (left < 0 or j >= d - left) and (right < 0 or j <= d + right) and (not causal or j <= d)
-        if lq == 0 or lk == 0:
-            continue
-        kr = k[k0:k1].double().repeat_interleave(groups, 1)
-        vr = v[k0:k1].double().repeat_interleave(groups, 1)
-        s = torch.einsum("qhd,khd->hqk", q[q0:q1].double(), kr) * scale
-        s = s.masked_fill(~mask, -math.inf)
-        lse_d = torch.logsumexp(s, -1)
-        p = torch.exp(s - torch.where(torch.isinf(lse_d), 0, lse_d)[..., None])
-        out[q0:q1] = torch.einsum("hqk,khd->qhd", p, vr)
-        lse[:, q0:q1] = lse_d
-    return out, lse
-
-
 @pytest.mark.parametrize("causal,window", [(False, (-1, 6)), (False, (4, 9)), (False, (0, 23)), (True, (5, 9))])
 def test_positive_right_window(small_blocks, causal, window):
     """Keys right of the diagonal (non-causal); under causal, right is 0 whatever was given."""
@@ -200,12 +175,12 @@ def test_positive_right_window(small_blocks, causal, window):
 
 _PROBE = textwrap.dedent(
     """
-    import resource, sys, torch
-    import longvita.kernels.varlen_attention as va
+    import importlib, resource, sys, torch
     from longvita.kernels import reference as ref
     from longvita.model import LongVITA, preset
     n, whole_matrix = int(sys.argv[1]), sys.argv[2] == "1"
     if whole_matrix:  # the old CPU path: the reference, (heads x L x L) scores per layer
+        va = importlib.import_module("longvita.kernels.varlen_attention")  # the package exports a function of that name
         va.varlen_attention_fwd_torch = lambda q, k, v, cq, ck, s, c, w: ref.varlen_attention_fwd_reference(q, k, v, cq, ck, s, c, w)
     cfg = preset("tiny")
     cfg.text.max_position_embeddings = max(n, cfg.text.max_position_embeddings)
