@@ -55,6 +55,7 @@ def _doc_ranges(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
 
 
 def _block_sizes(len_q: int, heads: int) -> tuple[int, int]:
+    heads = max(heads, 1)  # zero query heads is legal (empty output)
     block_m = max(1, min(len_q, _BLOCK_M, _SCORE_ELEMS // (heads * _BLOCK_N)))
     block_n = max(_BLOCK_N, _SCORE_ELEMS // (heads * block_m))
     return block_m, block_n
