@@ -356,5 +356,5 @@ def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
 
     if not vat.triton_interpret():
         pytest.skip("block override is for the interpreter")
-    monkeypatch.setattr(vat, "_fixed_config", lambda kind, block_d: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
+    monkeypatch.setattr(vat, "_fixed_config", lambda kind, block_d, even_d: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
     _check_fp32([0, 1, 37, 70, 5], [0, 3, 37, 53, 21], 2, 1, 16, causal, window)

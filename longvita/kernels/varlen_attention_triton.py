@@ -528,13 +528,20 @@ def _autotune_enabled() -> bool:
     return os.environ.get("LONGVITA_AUTOTUNE", "0") == "1" and not triton_interpret()
 
 
-def _fixed_config(kind: str, block_d: int) -> dict:
-    """Fixed launch parameters: tiny in the interpreter, H100-oriented on GPU."""
+def _fixed_config(kind: str, block_d: int, even_d: bool) -> dict:
+    """Fixed launch parameters: tiny in the interpreter, H100-oriented on GPU.
+    ``even_d``: the head dim equals ``block_d`` (no padded columns)."""
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    # A head dim that is not a power of two (80, 96) is padded to BLOCK_D and its loads are
+    # masked, which costs registers: with the even-D configs its windowed variants spilled
+    # (40 B forward, 12 B dK/dV at D = 80). Half as many keys per block fit without spills.
+    uneven_128 = not even_d and 64 < block_d <= 128
     if kind == "fwd":
         if block_d <= 64:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        if uneven_128:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
         if block_d <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -543,6 +550,8 @@ def _fixed_config(kind: str, block_d: int) -> dict:
         # (benchmarks/compile_report.py); 4-warp variants spilled 100-500 bytes
         if block_d <= 64:
             return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
+        if uneven_128:
+            return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
         if block_d <= 128:
             return dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
@@ -586,7 +595,7 @@ def _launch(kind: str, kernel, grid_len: int, batch: int, heads: int, args: list
         grid = lambda meta: (triton.cdiv(grid_len, meta[grid_axis]), batch, heads)  # noqa: E731
         _tuned(kind)[grid](*args, **consts)
         return
-    cfg = _fixed_config(kind, block_d)
+    cfg = _fixed_config(kind, block_d, consts["HEAD_DIM"] == block_d)
     grid = (triton.cdiv(grid_len, cfg[grid_axis]), batch, heads)
     kernel[grid](*args, **consts, **cfg)
 
