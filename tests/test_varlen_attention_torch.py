@@ -104,6 +104,30 @@ def test_fp32_inputs_accumulate_in_fp32(small_blocks, causal):
     _compare(LENS, LENS, 4, 2, 32, causal, (-1, -1), dtype=torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_only_round_the_results(small_blocks, dtype):
+    """bf16/fp16 inputs are computed in fp32, so out and the gradients may be off from
+    float64 only by their final rounding: at most one ulp of the largest value (far inside
+    the project's 2x-plain-torch rule); lse (fp32) by 1e-5 relative."""
+    small_blocks(16, 16, 5)
+    q, k, v, cu_q, cu_k = _inputs(LENS, LENS, 5, 1, 64, dtype)
+    dout, dlse = torch.randn_like(q), torch.randn(5, q.shape[0])
+    out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, 37, 37, causal=True, backend="torch")
+    grads = varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, 37, 37, causal=True, dlse=dlse, backend="torch")
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    r_out, r_lse = ref.varlen_attention_fwd_reference(q64, k64, v64, cu_q, cu_k, None, True)
+    r_grads = ref.varlen_attention_bwd_reference(dout.double(), q64, k64, v64, r_out, r_lse, cu_q, cu_k, None, True,
+                                                 (-1, -1), dlse.double())
+    assert lse.dtype == torch.float32
+    fin = torch.isfinite(r_lse)
+    assert ((lse[fin] - r_lse[fin]).abs().max() / r_lse[fin].abs().max()).item() < 1e-5
+    for name, a, b in [("out", out, r_out)] + list(zip(("dq", "dk", "dv"), grads, r_grads)):
+        assert a.dtype == dtype, name
+        ulp = torch.finfo(dtype).eps * b.abs().max().item()
+        err = (a.double() - b).abs().max().item()
+        assert err <= ulp, f"{name}: error {err:.3g} > one ulp {ulp:.3g}"
+
+
 def test_decode_row_against_long_cache():
     """One query row against 5000 cached keys: a single key block, and the right answer."""
     blocks = list(vat._key_blocks(0, 1, 1, 5000, -1, 0, vat._block_sizes(1, 4)[1], torch.device("cpu")))
