@@ -119,8 +119,16 @@ def _checks(rank, world, seed):
         cu = _cu(lengths)
         inputs = _full_inputs(seed, lengths, 2, 1)
         got = _ring(*inputs, cu, True, rank, world)
-        want = _reference(*inputs, cu, True) if sum(lengths) else got
-        results[name] = {k: _rel(a, b) if a.numel() else 0.0 for k, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+        if sum(lengths):
+            want = _reference(*inputs, cu, True)
+        else:  # no tokens: every result is empty, with the shape and dtype of a real one
+            q, k, v = inputs[:3]
+            want = (torch.zeros_like(q), torch.full((q.shape[1], 0), -math.inf), torch.zeros_like(q),
+                    torch.zeros_like(k), torch.zeros_like(v))
+        results[name] = {
+            n: _rel(a, b) if b.numel() else float(a.shape != b.shape or a.dtype != b.dtype)
+            for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want)
+        }
         results[name]["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
     # error growth in fp16 against float64 (forward and gradients)
     cu = _cu(PACKED)

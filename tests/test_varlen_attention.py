@@ -18,6 +18,8 @@ from longvita.kernels import reference as ref
 from longvita.kernels._backend import triton_runs_on
 from longvita.kernels.varlen_attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
 
+from _dense_attention import dense_masked_attention  # tests/ is on sys.path (pytest's rootdir insertion)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
@@ -130,6 +132,19 @@ def test_fp32_unequal_q_k_lengths(causal):
 @pytest.mark.parametrize("causal,window", [(False, (7, 3)), (True, (11, -1)), (False, (0, 0))])
 def test_fp32_sliding_window(causal, window):
     _check_fp32(LENS, LENS, 3, 1, 32, causal, window)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, 6)), (False, (4, 9)), (False, (0, 23)), (True, (5, 9))])
+def test_fp32_positive_right_window(causal, window):
+    """Keys right of the diagonal (non-causal), against a mask written out element by
+    element; under causal, right is 0 whatever was given (flash-attn's rule)."""
+    lens_q, lens_k = [0, 1, 17, 40, 9], [0, 1, 17, 31, 30]
+    q, k, v, cu_q, cu_k, mq, mk = _inputs(lens_q, lens_k, 3, 1, 16, torch.float32)
+    out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, 0.3, causal, window, backend="triton")
+    r_out, r_lse = dense_masked_attention(q, k, v, cu_q, cu_k, 0.3, *window, causal)
+    assert _max_err(out, r_out) / _max_abs(r_out) < 1e-5
+    assert _max_err(lse, r_lse) / _max_abs(r_lse) < 1e-5
+    _check_fp32(lens_q, lens_k, 3, 1, 16, causal, window)  # gradients, against the reference
 
 
 def test_fp32_head_dim_not_power_of_two():
@@ -341,5 +356,5 @@ def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
 
     if not vat.triton_interpret():
         pytest.skip("block override is for the interpreter")
-    monkeypatch.setattr(vat, "_fixed_config", lambda kind, block_d: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
+    monkeypatch.setattr(vat, "_fixed_config", lambda kind, block_d, even_d: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
     _check_fp32([0, 1, 37, 70, 5], [0, 3, 37, 53, 21], 2, 1, 16, causal, window)

@@ -1,9 +1,10 @@
 """Plain-PyTorch references for every longvita kernel: the definition of correct.
 
-Tests compare the Triton / CUDA kernels against these in float64, and CPU tensors run
-them as the fallback backend. They favour clarity over speed, but stay exact: the
-attention reference loops over documents (memory grows with the longest document,
-never with batch x max_seqlen).
+Tests compare the Triton / CUDA kernels and the CPU paths against these in float64;
+CPU tensors run them as the fallback backend where no CPU path of their own exists.
+They favour clarity over speed, but stay exact. The attention reference loops over
+documents and builds each document's (heads x L x L) scores, so it is for tests only:
+the CPU backend of varlen attention is ``varlen_attention_torch.py``, in linear memory.
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ def _visible_mask(
 ) -> torch.Tensor | None:
     """(len_q, len_k) bool mask of visible keys, or None when every key is visible.
 
-    Causal is bottom-right aligned as in flash-attn: query i sees key j when
-    j <= i + len_k - len_q. ``window_size=(left, right)`` further limits j to
-    [i + len_k - len_q - left, i + len_k - len_q + right]; -1 means unlimited.
+    ``window_size=(left, right)`` limits j to [i + len_k - len_q - left,
+    i + len_k - len_q + right]; -1 means unlimited. Causal is bottom-right aligned and
+    sets right = 0 whatever was given, as flash-attn's ``flash_api.cpp`` does: query i
+    sees key j when j <= i + len_k - len_q.
     """
     left, right = window_size
     if causal:
-        right = 0 if right < 0 else min(right, 0)
+        right = 0
     if left < 0 and right < 0:
         return None
     i = torch.arange(len_q, device=device)[:, None]
@@ -163,16 +165,6 @@ def varlen_attention_bwd_reference(
         dk[k0:k1] = dk_rep.view(k1 - k0, hkv, groups, d).sum(2)
         dv[k0:k1] = dv_rep.view(k1 - k0, hkv, groups, d).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def attention_dense_reference(q, k, v, causal=False, softmax_scale=None):
-    """(B, S, H, D) attention by explicit softmax in float64-friendly ops (tests)."""
-    b, s = q.shape[0], q.shape[1]
-    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
-    out, _ = varlen_attention_fwd_reference(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cu, softmax_scale, causal
-    )
-    return out.view(q.shape)
 
 
 # --------------------------------------------------------------------------------------

@@ -9,18 +9,23 @@ them per block.
 
 Backends (``backend=`` or ``LONGVITA_BACKEND``, chosen by ``_backend.resolve``):
 'triton' (the kernels in ``varlen_attention_triton.py``; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``), 'torch' (the reference in ``reference.py``), and
-'flash_attn' (the flash-attn package, when importable, for comparison). float64
-inputs always run the reference, and so do bfloat16 inputs in Triton's interpreter.
-There is no CUDA C++ attention: 'cuda' runs Triton.
+under ``TRITON_INTERPRET=1``), 'torch' (``varlen_attention_torch.py``: flash-attention's
+blocked online softmax in plain torch, memory linear in the sequence length; the CPU
+path), and 'flash_attn' (the flash-attn package, when importable, for comparison).
+float64 inputs always run 'torch', which then computes in float64; so do bfloat16
+inputs in Triton's interpreter. There is no CUDA C++ attention: 'cuda' runs Triton.
+``reference.py`` holds the plain definition (the whole score matrix per document) that
+tests compare every backend against.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from longvita.kernels import reference as ref
 from longvita.kernels._backend import resolve
+from longvita.kernels.varlen_attention_torch import varlen_attention_bwd_torch, varlen_attention_fwd_torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -116,7 +121,7 @@ def varlen_attention_fwd(
         )
     if name == "flash_attn":
         return _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window)
-    return ref.varlen_attention_fwd_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window)
+    return varlen_attention_fwd_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window)
 
 
 def varlen_attention_bwd(
@@ -144,7 +149,7 @@ def varlen_attention_bwd(
         return _flash_attn_bwd(
             dout, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window, dlse
         )
-    return ref.varlen_attention_bwd_reference(
+    return varlen_attention_bwd_torch(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, scale, bool(causal), window, dlse
     )
 
@@ -177,21 +182,37 @@ def _flash_attn_bwd(dout, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, wind
     return torch.autograd.grad(out, (q, k, v), dout)
 
 
+@dataclass(frozen=True)
+class VarlenParams:
+    """Options of one varlen attention call that are not tensors."""
+
+    max_seqlen_q: int
+    max_seqlen_k: int
+    softmax_scale: float | None
+    causal: bool
+    window_size: tuple[int, int]
+    backend: str | None
+
+
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, params):
-        out, lse = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, *params)
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, p: VarlenParams):
+        out, lse = varlen_attention_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, p.max_seqlen_q, p.max_seqlen_k,
+            softmax_scale=p.softmax_scale, causal=p.causal, window_size=p.window_size, backend=p.backend,
+        )
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.params = params
+        ctx.params = p
         ctx.mark_non_differentiable(cu_seqlens_q, cu_seqlens_k)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, scale, causal, window, backend = ctx.params
+        p: VarlenParams = ctx.params
         dq, dk, dv = varlen_attention_bwd(
-            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, causal, window, dlse, backend
+            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, p.max_seqlen_q, p.max_seqlen_k,
+            softmax_scale=p.softmax_scale, causal=p.causal, window_size=p.window_size, dlse=dlse, backend=p.backend,
         )
         return dq, dk, dv, None, None, None
 
@@ -219,7 +240,8 @@ def varlen_attention(
         max_seqlen_q, max_seqlen_k: Python ints (no host sync), >= the longest document.
         softmax_scale: default D ** -0.5.
         causal: bottom-right aligned causal mask.
-        window_size: (left, right) local attention as in flash-attn; -1 = unlimited.
+        window_size: (left, right) local attention as in flash-attn: query i of a document sees
+            keys [i + Lk - Lq - left, i + Lk - Lq + right]; -1 = unlimited; causal sets right = 0.
         return_lse: also return lse (Hq, total_q) fp32, natural log, differentiable.
         backend: None/'auto', 'torch' or 'triton' (default from LONGVITA_BACKEND).
 
@@ -229,6 +251,8 @@ def varlen_attention(
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
-    params = (max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), tuple(int(w) for w in window_size), backend)
+    params = VarlenParams(
+        max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), (int(window_size[0]), int(window_size[1])), backend
+    )
     out, lse = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
     return (out, lse) if return_lse else out

@@ -5,8 +5,9 @@ GQA maps q head h to kv head h // (Hq // Hkv) inside the kernels; K/V are never 
 
 Masks (flash-attn semantics, per document with ``off = len_k - len_q``): query i sees key j
 when ``j <= i + off + right`` (if ``right >= 0``) and ``j >= i + off - left`` (if
-``left >= 0``). Causal is ``right = 0`` (bottom-right aligned). The launcher folds
-causal into the window, so the kernels only know ``HAS_LEFT`` / ``HAS_RIGHT``.
+``left >= 0``). Causal is ``right = 0`` (bottom-right aligned), whatever right was
+given. The launcher folds causal into the window, so the kernels only know
+``HAS_LEFT`` / ``HAS_RIGHT``.
 
 Kernels:
 - ``_fwd_kernel``: grid (q blocks of the longest document, batch, Hq), early exit for
@@ -40,13 +41,46 @@ import triton.language as tl
 
 from longvita.kernels._backend import triton_interpret
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# The kernels' softmax runs in base 2 (exp2 / log2 are the fast instructions):
+# exp(x) = exp2(x * LOG2E) and ln(x) = log2(x) * LN2. Globals a @triton.jit function
+# reads must be constexpr; the launchers read ``.value``.
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 # --------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _kv_block_range(
+    start_m, len_q, len_k, left, right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Key blocks of the q block [start_m, start_m + BLOCK_M) of a document, in three
+    phases: [lo, full_lo) masked (left window edge), [full_lo, full_hi) whole blocks that
+    every row of the block sees inside the document (no mask), [full_hi, hi) masked
+    (diagonal, right window edge, end of the document). Keys outside [lo, hi) are hidden
+    from every row, so they are never visited."""
+    first_diag = start_m + (len_k - len_q)  # diag of the block's first row
+    lo = 0
+    hi = len_k
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, first_diag + BLOCK_M + right)
+    if HAS_LEFT:
+        lo = tl.maximum(0, first_diag - left)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    full_lo = lo
+    if HAS_LEFT:
+        full_lo = tl.cdiv(tl.maximum(lo, first_diag + BLOCK_M - 1 - left), BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(full_lo, hi)
+    full_end = len_k
+    if HAS_RIGHT:
+        full_end = tl.minimum(full_end, first_diag + right + 1)
+    full_hi = full_lo + tl.maximum(full_end - full_lo, 0) // BLOCK_N * BLOCK_N
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -104,6 +138,33 @@ def _fwd_inner(
 
 
 @triton.jit
+def _fwd_phases(
+    acc, l_i, m_i, q,
+    k_base, v_base, stride_kt, stride_vt,
+    lo, full_lo, full_hi, hi, len_k, diag, left, right, qk_scale,
+    offs_m, offs_n, offs_d,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The three phases of ``_kv_block_range``: masked, unmasked, masked."""
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        lo, full_lo, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        full_lo, full_hi, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+    return _fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        full_hi, hi, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -141,49 +202,23 @@ def _fwd_kernel(
     v_base = V + k_start.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
 
     diag = offs_m + (len_k - len_q)
-    first_diag = start_m + (len_k - len_q)  # diag of the block's first row
-    # key range that any row of the block can see
-    lo = 0
-    hi = len_k
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, first_diag + BLOCK_M + right)
-    if HAS_LEFT:
-        lo = tl.maximum(0, first_diag - left)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    # blocks visible to every row of the block and inside the document: no mask
-    full_lo = lo
-    if HAS_LEFT:
-        full_lo = tl.cdiv(tl.maximum(lo, first_diag + BLOCK_M - 1 - left), BLOCK_N) * BLOCK_N
-    full_lo = tl.minimum(full_lo, hi)
-    full_end = len_k
-    if HAS_RIGHT:
-        full_end = tl.minimum(full_end, first_diag + right + 1)
-    full_hi = full_lo + tl.maximum(full_end - full_lo, 0) // BLOCK_N * BLOCK_N
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    lo, full_lo, full_hi, hi = _kv_block_range(
+        start_m, len_q, len_k, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(
+    acc, l_i, m_i = _fwd_phases(
         acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-        lo, full_lo, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
-        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-        full_lo, full_hi, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
-        BLOCK_N, HEAD_DIM, EVEN_D, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-    )
-    acc, l_i, m_i = _fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-        full_hi, hi, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
-        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+        lo, full_lo, full_hi, hi, len_k, diag, left, right, qk_scale, offs_m, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, HAS_LEFT, HAS_RIGHT, DOT_PREC,
     )
 
     empty = l_i == 0.0  # no visible key: out = 0, lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o_ptrs = Out + rows[:, None] * stride_ot + h.to(tl.int64) * stride_oh + offs_d[None, :]
     if EVEN_D:
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -238,7 +273,7 @@ def _bwd_dkdv_inner(
             ld_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
         q = tl.load(q_base + q_rows[:, None] * stride_qt + offs_d[None, :], mask=ld_mask, other=0.0)
         do = tl.load(do_base + q_rows[:, None] * stride_dot + offs_d[None, :], mask=ld_mask, other=0.0)
-        lse = tl.load(lse_base + q_rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(lse_base + q_rows, mask=row_ok, other=0.0) * LOG2E
         # rows that see no key have lse = -inf: make their P exactly 0
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(delta_base + q_rows, mask=row_ok, other=0.0)
@@ -257,6 +292,33 @@ def _bwd_dkdv_inner(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_phases(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+    lo, full_lo, full_hi, hi, len_q, cols, off, left, right, qk_scale,
+    offs_m, offs_d,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Three phases over q blocks: [lo, full_lo) masked (diagonal / right window edge),
+    [full_lo, full_hi) unmasked, [full_hi, hi) masked (left window edge)."""
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+        lo, full_lo, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
+        BLOCK_M, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+    dk, dv = _bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+        full_lo, full_hi, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
+        BLOCK_M, HEAD_DIM, EVEN_D, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+    return _bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
+        full_hi, hi, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
+        BLOCK_M, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
 
 
 @triton.jit
@@ -324,20 +386,10 @@ def _bwd_dkdv_kernel(
         do_base = DOut + q_start.to(tl.int64) * stride_dot + h * stride_doh
         lse_base = Lse + h * stride_lh + q_start.to(tl.int64)
         delta_base = Delta + h * stride_lh + q_start.to(tl.int64)
-        dk, dv = _bwd_dkdv_inner(
+        dk, dv = _bwd_dkdv_phases(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-            lo, full_lo, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
-            BLOCK_M, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-            full_lo, full_hi, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
-            BLOCK_M, HEAD_DIM, EVEN_D, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-        )
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-            full_hi, hi, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
-            BLOCK_M, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+            lo, full_lo, full_hi, hi, len_q, cols, off, left, right, qk_scale, offs_m, offs_d,
+            BLOCK_M, HEAD_DIM, EVEN_D, HAS_LEFT, HAS_RIGHT, DOT_PREC,
         )
     dk = dk * sm_scale
     tl.store(DK + k_rows[:, None] * stride_dkt + kvh64 * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -385,6 +437,32 @@ def _bwd_dq_inner(
 
 
 @triton.jit
+def _bwd_dq_phases(
+    dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+    lo, full_lo, full_hi, hi, len_k, diag, left, right, qk_scale,
+    offs_n, offs_d,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """The three phases of ``_kv_block_range``: masked, unmasked, masked."""
+    dq = _bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+        lo, full_lo, len_k, diag, left, right, qk_scale, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+    dq = _bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+        full_lo, full_hi, len_k, diag, left, right, qk_scale, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+    return _bwd_dq_inner(
+        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
+        full_hi, hi, len_k, diag, left, right, qk_scale, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+    )
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, cu_seqlens_q, cu_seqlens_k,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -420,46 +498,22 @@ def _bwd_dq_kernel(
     h64 = h.to(tl.int64)
     q = tl.load(Q + rows[:, None] * stride_qt + h64 * stride_qh + offs_d[None, :], mask=ld_mask, other=0.0)
     do = tl.load(DOut + rows[:, None] * stride_dot + h64 * stride_doh + offs_d[None, :], mask=ld_mask, other=0.0)
-    lse = tl.load(Lse + h64 * stride_lh + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(Lse + h64 * stride_lh + rows, mask=row_ok, other=0.0) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + h64 * stride_lh + rows, mask=row_ok, other=0.0)
     k_base = K + k_start.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
 
     diag = offs_m + (len_k - len_q)
-    first_diag = start_m + (len_k - len_q)
-    lo = 0
-    hi = len_k
-    if HAS_RIGHT:
-        hi = tl.minimum(hi, first_diag + BLOCK_M + right)
-    if HAS_LEFT:
-        lo = tl.maximum(0, first_diag - left)
-        lo = (lo // BLOCK_N) * BLOCK_N
-    full_lo = lo
-    if HAS_LEFT:
-        full_lo = tl.cdiv(tl.maximum(lo, first_diag + BLOCK_M - 1 - left), BLOCK_N) * BLOCK_N
-    full_lo = tl.minimum(full_lo, hi)
-    full_end = len_k
-    if HAS_RIGHT:
-        full_end = tl.minimum(full_end, first_diag + right + 1)
-    full_hi = full_lo + tl.maximum(full_end - full_lo, 0) // BLOCK_N * BLOCK_N
-    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    lo, full_lo, full_hi, hi = _kv_block_range(
+        start_m, len_q, len_k, left, right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(
+    dq = _bwd_dq_phases(
         dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-        lo, full_lo, len_k, diag, left, right, qk_scale, offs_n, offs_d,
-        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-        full_lo, full_hi, len_k, diag, left, right, qk_scale, offs_n, offs_d,
-        BLOCK_N, HEAD_DIM, EVEN_D, False, HAS_LEFT, HAS_RIGHT, DOT_PREC,
-    )
-    dq = _bwd_dq_inner(
-        dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt,
-        full_hi, hi, len_k, diag, left, right, qk_scale, offs_n, offs_d,
-        BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_LEFT, HAS_RIGHT, DOT_PREC,
+        lo, full_lo, full_hi, hi, len_k, diag, left, right, qk_scale, offs_n, offs_d,
+        BLOCK_N, HEAD_DIM, EVEN_D, HAS_LEFT, HAS_RIGHT, DOT_PREC,
     )
     dq = dq * sm_scale
     tl.store(DQ + rows[:, None] * stride_dqt + h64 * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=ld_mask)
@@ -474,13 +528,20 @@ def _autotune_enabled() -> bool:
     return os.environ.get("LONGVITA_AUTOTUNE", "0") == "1" and not triton_interpret()
 
 
-def _fixed_config(kind: str, block_d: int) -> dict:
-    """Fixed launch parameters: tiny in the interpreter, H100-oriented on GPU."""
+def _fixed_config(kind: str, block_d: int, even_d: bool) -> dict:
+    """Fixed launch parameters: tiny in the interpreter, H100-oriented on GPU.
+    ``even_d``: the head dim equals ``block_d`` (no padded columns)."""
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    # A head dim that is not a power of two (80, 96) is padded to BLOCK_D and its loads are
+    # masked, which costs registers: with the even-D configs its windowed variants spilled
+    # (40 B forward, 12 B dK/dV at D = 80). Half as many keys per block fit without spills.
+    uneven_128 = not even_d and 64 < block_d <= 128
     if kind == "fwd":
         if block_d <= 64:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        if uneven_128:
+            return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3)
         if block_d <= 128:
             return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
@@ -489,6 +550,8 @@ def _fixed_config(kind: str, block_d: int) -> dict:
         # (benchmarks/compile_report.py); 4-warp variants spilled 100-500 bytes
         if block_d <= 64:
             return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2)
+        if uneven_128:
+            return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2)
         if block_d <= 128:
             return dict(BLOCK_M=16, BLOCK_N=128, num_warps=8, num_stages=2)
         return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=1)
@@ -532,7 +595,7 @@ def _launch(kind: str, kernel, grid_len: int, batch: int, heads: int, args: list
         grid = lambda meta: (triton.cdiv(grid_len, meta[grid_axis]), batch, heads)  # noqa: E731
         _tuned(kind)[grid](*args, **consts)
         return
-    cfg = _fixed_config(kind, block_d)
+    cfg = _fixed_config(kind, block_d, consts["HEAD_DIM"] == block_d)
     grid = (triton.cdiv(grid_len, cfg[grid_axis]), batch, heads)
     kernel[grid](*args, **consts, **cfg)
 
@@ -543,10 +606,11 @@ def _launch(kind: str, kernel, grid_len: int, batch: int, heads: int, args: list
 
 
 def _window_flags(causal: bool, window_size: tuple[int, int]) -> tuple[int, int, bool, bool]:
-    """Fold causal into the window: causal is right = 0 (or a smaller non-negative right)."""
+    """Fold causal into the window: causal sets right = 0 whatever right was given, as
+    flash-attn's ``flash_api.cpp`` does; a positive right only widens a non-causal window."""
     left, right = int(window_size[0]), int(window_size[1])
     if causal:
-        right = 0 if right < 0 else min(right, 0)
+        right = 0
     return max(left, 0), max(right, 0), left >= 0, right >= 0
 
 
@@ -580,7 +644,7 @@ def varlen_attention_fwd_triton(
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        softmax_scale * LOG2E, left, right,
+        softmax_scale * LOG2E.value, left, right,
     ]
     consts = dict(
         GROUPS=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
@@ -633,7 +697,7 @@ def varlen_attention_bwd_triton(
         GROUPS=hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, HAS_LEFT=has_left, HAS_RIGHT=has_right,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 inputs: no TF32 rounding
     )
-    qk_scale = softmax_scale * LOG2E
+    qk_scale = softmax_scale * LOG2E.value
     common = [
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1),
