@@ -335,3 +335,25 @@ def test_cut_short_video_warns_once_and_reports_frames(tmp_path, capsys):
     # 2 fps at 1 frame per second (long-vita): every other frame of those present
     assert out["frames"] and out["frames"] == list(range(0, 2 * len(out["frames"]), 2))
     assert out["tiles"] == len(out["frames"])
+
+
+def test_readme_cp_example_runs(tmp_path):
+    """The README's context-parallel example runs as written under torchrun (2 gloo ranks)."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    block = readme.split("<!-- example: cp-generate -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(block)
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True, text=True, env=e, timeout=300, cwd=tempfile.gettempdir(),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    import re
+
+    # rank 0 printed the text and the per-rank cache sizes: two shards of about half each
+    kv = re.search(r"\[(\d+), (\d+)\]\s*$", r.stdout)
+    assert kv is not None, r.stdout
+    a, b = int(kv.group(1)), int(kv.group(2))
+    assert a > 0 and b > 0 and abs(a - b) <= 3
