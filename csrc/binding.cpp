@@ -1,7 +1,7 @@
 // The one binding file of longvita._C: it includes torch, checks every tensor
 // (TORCH_CHECK naming the argument) and calls the kernels, which take raw pointers,
 // sizes and (for CUDA) a stream. CPU reference paths live in csrc/cpu/*.cpp; CUDA
-// kernels in csrc/*.cu include only CUDA's own headers (see DESIGN.md, "Native code").
+// kernels in csrc/*.cu include only CUDA's own headers (see docs/architecture.md, "Native code").
 #include <torch/extension.h>
 
 #include <algorithm>

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused pixel shuffle + LayerNorm, forward and backward.
-// CUDA headers only (see DESIGN.md, "Native code"): raw pointers, sizes, a stream.
+// CUDA headers only (see docs/architecture.md, "Native code"): raw pointers, sizes, a stream.
 // The index map is described in pixel_shuffle_ln.h.
 //
 // Forward: one block per output row; each thread keeps EPT elements of the row in

@@ -55,7 +55,7 @@ def _run(fn, inputs, dout):
 
 
 def _check(name, got, ref64, base):
-    """Error rule: |got - ref64| <= 2 |torch_same_dtype - ref64| + slack (DESIGN.md, Numerics)."""
+    """Error rule: |got - ref64| <= 2 |torch_same_dtype - ref64| + slack (docs/architecture.md, "Numerics")."""
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     err = (got.double() - ref64).abs().max().item()

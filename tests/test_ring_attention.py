@@ -205,7 +205,7 @@ def test_ring_attention_matches_single_process(world, tmp_path):
         # each block's output from the building block rounded to fp16, merges in fp32 and
         # rounds once more (expected ~sqrt(2)x): the forward must stay within 1.5x. The
         # building block also returns each block's dQ/dK/dV rounded to fp16, and P of
-        # them add up in fp32, so the gradients get the project's 2x rule (DESIGN.md).
+        # them add up in fp32, so the gradients get the project's 2x rule (docs/architecture.md, "Numerics").
         for what, (ring_err, single_err) in results[0]["fp16"].items():
             bound = 1.5 if what in ("out", "lse") else 2.0
             assert ring_err <= bound * single_err + 1e-7, (

@@ -2,7 +2,7 @@
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), in fp32 and fp16 only, with small shapes. The error rule
-(DESIGN.md, "Numerics"): fp32 within ~1e-5 of float64 relative to the largest value;
+(docs/architecture.md, "Numerics"): fp32 within ~1e-5 of float64 relative to the largest value;
 fp16/bf16 at most 2x (+ a small eps) the error of plain PyTorch computing the same
 thing in the same dtype.
 """
