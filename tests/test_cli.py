@@ -310,20 +310,10 @@ def test_preprocess_follows_checkpoint_and_flag(tmp_path, capsys):
 
 
 def test_cut_short_video_warns_once_and_reports_frames(tmp_path, capsys):
-    av = pytest.importorskip("av")
-    import numpy as np
+    pytest.importorskip("av")
+    from _dist import write_mp4
 
-    path = tmp_path / "clip.mp4"
-    rng = np.random.default_rng(0)
-    with av.open(str(path), "w", options={"movflags": "faststart"}) as out:  # index first
-        stream = out.add_stream("mpeg4", rate=2)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(20):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path = write_mp4(tmp_path / "clip.mp4", n_frames=20, fps=2, seed=0, faststart=True)  # index first
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     code = main(["generate", "--video", str(path), "--json", "--max-new-tokens", "1"])

@@ -9,15 +9,9 @@ computation orders (a real bug changes them; rounding does not)."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import run_on_ranks, write_mp4
 
 from longvita.dist.zigzag import zigzag_layout
 from longvita.model import LongVITA, preset
@@ -66,23 +60,6 @@ def _reference(model, ids, pixels, steps):
             logits.append(row)
             seq.append(tokens[-1])
     return tokens, logits
-
-
-def _write_mp4(path, seed):
-    """A real 3-second clip at 3 fps (9 frames) with random content, encoded by PyAV."""
-    import av
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=3)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(9):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
 
 
 def _all_prompts(seed, cfg, video_path):
@@ -139,40 +116,6 @@ def _sampling():
 SAMPLING = _sampling()
 
 
-def _worker(rank, world, init_file, out_dir, seed, video_path):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=90))
-        torch.set_num_threads(1)
-        res = _run(rank, world, seed, video_path)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _spawn(world, tmp_path, seed, video_path, deadline_s=180):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed, video_path), nprocs=world,
-                             join=False, start_method="spawn")
-    try:
-        t0 = time.monotonic()
-        while not ctx.join(timeout=1):
-            if time.monotonic() - t0 > deadline_s:
-                pytest.fail(f"context-parallel generation on {world} ranks did not finish in {deadline_s}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    for r in range(world):
-        err = tmp_path / f"rank{r}.err"
-        assert not err.exists(), err.read_text()
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-
-
 def _expected_tiles(ids, world, rank, tpt):
     """Tiles whose context tokens fall in `rank`'s zigzag shard (counted independently)."""
     layout = zigzag_layout(torch.tensor([0, ids.numel()]), world)
@@ -187,16 +130,16 @@ def test_cp_generation_equals_single_process_recompute(world, tmp_path):
     seed = int(torch.randint(0, 2**30, ()).item())
     video_path = None
     try:
-        import av  # noqa: F401
+        import av  # noqa: F401  (only to know whether a real mp4 can be made)
 
         video_path = str(tmp_path / "clip.mp4")
-        _write_mp4(video_path, seed)
+        write_mp4(video_path, n_frames=9, fps=3, seed=seed)  # 3 s at 3 fps
     except ImportError:  # without PyAV the image and text cases still run
         pass
     if world == 1:  # no process group at all: the same code on one rank
         results = [_run(0, 1, seed, video_path)]
     else:
-        results = _spawn(world, tmp_path, seed, video_path)
+        results = run_on_ranks(_run, world, tmp_path, seed, video_path)
     model = _model(seed)
     tpt = model.config.tokens_per_tile
     for name, (ids, pixels) in _all_prompts(seed, model.config, video_path).items():

@@ -782,23 +782,11 @@ def test_decompression_bomb_is_one_input_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("preprocess", ["long-vita", "internvl"])
 def test_raw_video_frames_normalise_to_the_float_tiles(tmp_path, preprocess):
     """read_video(raw=True) keeps uint8 pixels; normalize() gives the float tiles bit for bit."""
-    av = pytest.importorskip("av")
-    import numpy as np
-
+    pytest.importorskip("av")
     from longvita.data.image import normalize
     from longvita.data.video import read_video
 
-    path = tmp_path / "clip.mp4"
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=2)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(7):
-            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path = write_video(tmp_path / "clip.mp4", 7, 2, 64, 48, seed=int(torch.randint(0, 2**31, ())))
     tiles = read_video(path, image_size=56, preprocess=preprocess)
     raw = read_video(path, image_size=56, preprocess=preprocess, raw=True)
     assert raw.pixel_values.dtype == torch.uint8 and raw.indices == tiles.indices

@@ -13,15 +13,12 @@ and Triton's CPU interpreter (TRITON_INTERPRET=1 in CI) would make them minutes 
 
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import run_on_ranks
 
 from longvita.dist import (
     ring_attention,
@@ -143,50 +140,10 @@ def _checks(rank, world, seed):
     return results
 
 
-def _worker(rank, world, init_file, out_dir, seed):
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-            timeout=datetime.timedelta(seconds=90),
-        )
-        torch.set_num_threads(1)
-        results = _checks(rank, world, seed)
-        dist.barrier()
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _spawn(world, tmp_path, deadline_s=150):
-    seed = int(torch.randint(0, 2**30, ()).item())
-    ctx = mp.start_processes(
-        _worker, args=(world, str(tmp_path / "init"), str(tmp_path), seed), nprocs=world, join=False, start_method="spawn"
-    )
-    try:
-        import time
-
-        t0 = time.monotonic()
-        while not ctx.join(timeout=1):
-            if time.monotonic() - t0 > deadline_s:
-                pytest.fail(f"ring attention with {world} ranks did not finish in {deadline_s}s (hang?)")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-    for r in range(world):
-        err = tmp_path / f"rank{r}.err"
-        assert not err.exists(), err.read_text()
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-
-
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ring_attention_matches_single_process(world, tmp_path):
-    results = _spawn(world, tmp_path)
+    seed = int(torch.randint(0, 2**30, ()).item())
+    results = run_on_ranks(_checks, world, tmp_path, seed, deadline_s=150)
     for rank, res in enumerate(results):
         assert res["roundtrip_exact"], f"rank {rank}: zigzag_unshard(zigzag_shard(x)) != x"
         assert res["cu_local_equal"] == results[0]["cu_local_equal"], "cu_seqlens_local differs across ranks"
