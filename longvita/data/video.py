@@ -51,8 +51,21 @@ def select_frames(timestamps: list[float | Fraction], *, max_fps: float = 1.0, m
     return kept
 
 
+def _import_av(path: Path):
+    """PyAV, imported on first use: it is optional (``pip install 'longvita[video]'``),
+    so nothing else in longvita may import it at import time."""
+    try:
+        import av
+    except ImportError:
+        raise InputError(
+            f"video file {str(path)!r}: decoding video needs PyAV, which is not installed: "
+            "pip install 'longvita[video]' (or pip install av)"
+        ) from None
+    return av
+
+
 def _open(path: Path):
-    import av  # imported here: only video users need PyAV
+    av = _import_av(path)
 
     try:
         container = av.open(str(path))
@@ -76,9 +89,7 @@ def load_video(
     module docstring for the exact rule).
 
     Raises InputError naming the file if it is missing, has no video stream, cannot be
-    decoded, or yields no frames."""
-    import av
-
+    decoded, or yields no frames; without PyAV, an InputError saying how to install it."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"video file {str(path)!r} does not exist")
@@ -87,6 +98,7 @@ def load_video(
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     select_frames([], max_fps=max_fps, max_frames=max_frames)  # validate options before I/O
+    av = _import_av(path)  # after the argument checks: a missing file is reported as such
 
     # Pass 1: presentation timestamps from packets only (no decoding), to choose frames
     # before paying for any pixel conversion. Raw elementary streams (e.g. .h264) carry
