@@ -99,8 +99,7 @@ def _requirement_parser():
     return Requirement
 
 
-def _project_requirements() -> list[str]:
-    path = os.path.join(ROOT, "pyproject.toml")
+def _project_requirements(path: str) -> list[str]:
     try:
         import tomllib
     except ImportError:  # Python 3.10
@@ -109,10 +108,10 @@ def _project_requirements() -> list[str]:
         return list(tomllib.load(f)["project"]["dependencies"])
 
 
-def check_requirements(rep: Report, strict: bool) -> None:
+def check_requirements(rep: Report, strict: bool, pyproject: str) -> None:
     """The package's own requirements against what is installed (pip --no-deps skips this)."""
     Requirement = _requirement_parser()
-    for spec in _project_requirements():
+    for spec in _project_requirements(pyproject):
         req = Requirement(spec)
         if req.marker is not None and not req.marker.evaluate():
             continue
@@ -129,7 +128,7 @@ def check_requirements(rep: Report, strict: bool) -> None:
             rep.ok(f"requirement {spec!r}: {req.name} {have}")
 
 
-def check_deps(strict: bool) -> int:
+def check_deps(strict: bool, pyproject: str) -> int:
     rep = Report()
     print(f"python {sys.version.split()[0]} at {sys.executable}")
     for mod, why in REQUIRED.items():
@@ -170,7 +169,7 @@ def check_deps(strict: bool) -> int:
         else:
             rep.warn(f"no nvcc (torch built with CUDA {cuda_torch}): the CUDA C++ kernels will not be built, "
                      "Triton's are still tested and measured")
-    check_requirements(rep, strict)
+    check_requirements(rep, strict, pyproject)
     return rep.finish("dependencies")
 
 
@@ -199,6 +198,18 @@ def _explain(exc: BaseException) -> str:
     return msg
 
 
+def _module_names(paths: list[str], prefix: str) -> list[str]:
+    """Every module of a package from its files, importing nothing (pkgutil.walk_packages
+    imports the subpackages, and one that fails would stop the walk)."""
+    names = []
+    for m in pkgutil.iter_modules(paths):
+        names.append(prefix + m.name)
+        if m.ispkg:
+            names += _module_names([os.path.join(p, m.name) for p in paths if os.path.isdir(os.path.join(p, m.name))],
+                                   prefix + m.name + ".")
+    return sorted(names)
+
+
 def check_installed(bench_dir: str, require: list[str]) -> int:
     rep = Report()
     for mod in require:  # extra modules a caller needs (also how the tests inject a failure)
@@ -208,21 +219,24 @@ def check_installed(bench_dir: str, require: list[str]) -> int:
         except Exception as exc:  # noqa: BLE001
             rep.error(f"module {mod}: {_explain(exc)}")
     try:
+        import torch  # noqa: F401  (first: longvita._C links against libtorch, which this loads)
         import longvita
     except Exception as exc:  # noqa: BLE001
         rep.error(f"import longvita: {_explain(exc)}")
         return rep.finish("installed package")
     print(f"longvita {longvita.__version__} from {os.path.dirname(longvita.__file__)}")
-    names = sorted(m.name for m in pkgutil.walk_packages(longvita.__path__, "longvita.")
-                   if m.name != "longvita.__main__")  # __main__ runs the CLI
+    names = [n for n in _module_names(list(longvita.__path__), "longvita.") if n != "longvita.__main__"]  # __main__ runs the CLI
+    good = 0
     for name in names:
         try:
             _import_blocking_av(name, lambda n=name: importlib.import_module(n))
+            good += 1
         except Exception as exc:  # noqa: BLE001
             rep.error(f"{name} does not import without PyAV: {_explain(exc)}")
-    rep.ok(f"{len(names)} longvita modules import without PyAV")
+    rep.ok(f"{good} of {len(names)} longvita modules import without PyAV")
 
     sys.path.insert(0, bench_dir)  # the scripts import `common` and `make_results` as top-level modules
+    imported: list[str] = []
     scripts = sorted(f for f in os.listdir(bench_dir) if f.endswith(".py") and f not in ("conftest.py", "gpu_preflight.py"))
     for fname in scripts:
         path = os.path.join(bench_dir, fname)
@@ -231,14 +245,18 @@ def check_installed(bench_dir: str, require: list[str]) -> int:
         def load(path=path, modname=modname):
             spec = importlib.util.spec_from_file_location(modname, path)
             module = importlib.util.module_from_spec(spec)
+            sys.modules[modname] = module  # dataclasses look their module up there
             spec.loader.exec_module(module)  # the scripts guard main() with __name__
             return module
 
         try:
             _import_blocking_av(fname, load)
         except Exception as exc:  # noqa: BLE001
+            sys.modules.pop(modname, None)
             rep.error(f"benchmark script {fname} does not import: {_explain(exc)}")
-    rep.ok(f"{len(scripts)} benchmark scripts import ({', '.join(scripts)})")
+        else:
+            imported.append(fname)
+    rep.ok(f"{len(imported)} of {len(scripts)} benchmark scripts import ({', '.join(imported)})")
 
     import torch
 
@@ -259,12 +277,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     d = sub.add_parser("deps", help="before installing: modules, build tools, requirement versions")
     d.add_argument("--strict", action="store_true", help="a pyproject requirement the environment does not meet is an error")
+    d.add_argument("--pyproject", default=os.path.join(ROOT, "pyproject.toml"), help="whose requirements to check")
     i = sub.add_parser("installed", help="after installing: every module and benchmark script imports without PyAV")
     i.add_argument("--bench-dir", default=HERE, help="folder of benchmark scripts to import (default: this one)")
     i.add_argument("--require", action="append", default=[], metavar="MODULE", help="another module that must import")
     args = p.parse_args(argv)
     if args.what == "deps":
-        return check_deps(args.strict)
+        return check_deps(args.strict, args.pyproject)
     return check_installed(args.bench_dir, args.require)
 
 

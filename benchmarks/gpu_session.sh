@@ -132,7 +132,7 @@ fi
 if [ "$mode" = gpu ]; then
   step tests 240 python -m pytest tests -q -p no:cacheprovider -n "${LONGVITA_TEST_WORKERS:-8}" -rfEs --durations=10
 else  # no interpreter here (numpy >= 2.4): collection imports every test and benchmark module
-  TRITON_INTERPRET=0 step collect 120 python -m pytest --collect-only -q -p no:cacheprovider tests benchmarks
+  TRITON_INTERPRET=0 step collect 120 python -m pytest --collect-only -qq -p no:cacheprovider tests benchmarks
 fi
 
 # 6. benchmarks, the time left shared among those not yet run
