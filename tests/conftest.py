@@ -37,9 +37,10 @@ def _interpreter_numpy_problem() -> str | None:
     )
 
 
-_problem = _interpreter_numpy_problem()
-if _problem:
-    pytest.exit(_problem, returncode=4)
+def pytest_configure(config):
+    problem = _interpreter_numpy_problem()
+    if problem:
+        pytest.exit(problem, returncode=4)
 
 import torch  # noqa: E402
 
