@@ -46,6 +46,9 @@ reserve=20                              # kept for make_results and the summary
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ "$mode" = gpu ]; then
   export PIP_BREAK_SYSTEM_PACKAGES=1  # the lent image's Python is the system's; nothing else lives there
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH  # setup.py builds the CUDA kernels only where it finds nvcc
+  fi
 else
   unset TRITON_INTERPRET  # a user's shell: the CLI runs the CPU reference paths
 fi
@@ -121,11 +124,16 @@ fi
 # 3. every module the run imports, without PyAV
 step preflight-installed 90 python benchmarks/gpu_preflight.py installed
 
-# 4. the command line
+# 4. the command line (the rehearsal insists on the `longvita` entry point; the GPU machine's
+# scripts folder may not be on PATH)
+cli=(longvita)
+if [ "$mode" = gpu ] && ! command -v longvita >/dev/null; then
+  cli=(python -m longvita)
+fi
 step info 60 python -m longvita info
-step generate-cpu 120 longvita generate --max-new-tokens 2
+step generate-cpu 120 "${cli[@]}" generate --max-new-tokens 2
 if [ "$mode" = gpu ]; then
-  step generate-cuda 120 longvita generate --device cuda --dtype bfloat16 --max-new-tokens 8 --json
+  step generate-cuda 120 "${cli[@]}" generate --device cuda --dtype bfloat16 --max-new-tokens 8 --json
 fi
 
 # 5. tests
