@@ -226,6 +226,7 @@ def main(argv=None) -> int:
                 metrics = measure(case, impl, mode, args.quick)
                 if metrics:
                     rows.append(Row(f"{case.name} {mode}", impl, metrics))
+                    write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
                     print(f"  {case.name} {mode} {impl}: {metrics['tflops']:.1f} TFLOP/s", file=sys.stderr)
     print_table(TITLE, rows, METRICS)
     write_json(NAME, TITLE, rows, METRICS, args.out)

@@ -249,6 +249,7 @@ def main(argv=None) -> int:
             metrics = measure(case, impl, args.quick)
             if metrics:
                 rows.append(Row(case.name, impl, metrics))
+                write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
                 print(f"  {case.name} {impl}: {metrics['ms']:.2f} ms, {metrics['gib']:.2f} GiB", file=sys.stderr)
     print_table(TITLE, rows, METRICS)
     write_json(NAME, TITLE, rows, METRICS, args.out)

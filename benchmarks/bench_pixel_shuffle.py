@@ -37,6 +37,7 @@ NAME = "pixel_shuffle"
 TITLE = "Pixel-shuffle projector (bf16, InternViT-300M -> Qwen2.5-14B)"
 LN_METRICS = ["ms", "gbps"]
 PROJ_METRICS = ["ms"]
+METRICS = LN_METRICS + [m for m in PROJ_METRICS if m not in LN_METRICS]  # the JSON's columns
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -178,16 +179,18 @@ def main(argv=None) -> int:
             metrics = measure_ln(case, impl, args.quick)
             if metrics:
                 rows.append(Row(f"shuffle+layernorm {case.name}", impl, metrics))
+                write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
         torch.cuda.empty_cache()
         for mode in MODES:
             for impl in PROJ_IMPLS:
                 metrics = measure_projector(case, impl, mode, args.quick)
                 if metrics:
                     rows.append(Row(f"projector {case.name} {mode}", impl, metrics))
+                    write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
                 torch.cuda.empty_cache()
     print_table(TITLE + ": shuffle+LayerNorm forward", [r for r in rows if r.case.startswith("shuffle")], LN_METRICS)
     print_table(TITLE + ": projector", [r for r in rows if r.case.startswith("projector")], PROJ_METRICS)
-    write_json(NAME, TITLE, rows, LN_METRICS, args.out)
+    write_json(NAME, TITLE, rows, METRICS, args.out)
     return 0
 
 

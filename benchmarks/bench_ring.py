@@ -1,7 +1,7 @@
 """Zigzag ring attention: compute per ring step, per-rank balance, K/V traffic, predicted efficiency.
 
     python benchmarks/bench_ring.py [--quick] [--out FILE]    # one GPU: ranks simulated in turn
-    python benchmarks/bench_ring.py --dry-run                  # any machine: the byte/balance model only
+    python benchmarks/bench_ring.py --dry-run [--out FILE]     # any machine: the byte/balance model only
     torchrun --nproc-per-node P benchmarks/bench_ring.py       # P GPUs: the real ring, measured vs predicted
     pytest benchmarks/bench_ring.py --benchmark-only           # pytest-benchmark (GPU; skips without one)
 
@@ -185,7 +185,10 @@ def dry_run(args) -> int:
         }))
     metrics = ["local_tokens", "kv_mib_fwd", "kv_mib_bwd", "comm_ms_fwd", "comm_ms_bwd", "gflop_step",
                "hide_tflops_fwd", "zigzag_max/mean", "contig_max/mean"]
-    print_table(f"Ring model at {args.link_gbps:g} GB/s per direction (no timings)", rows, metrics)
+    title = f"Ring model at {args.link_gbps:g} GB/s per direction (no timings)"
+    print_table(title, rows, metrics)
+    if getattr(args, "out", None):  # JSON only when asked: the model is no measurement
+        write_json(f"{NAME}_model", title, rows, metrics, args.out)
     return 0
 
 
@@ -208,6 +211,7 @@ def simulate(args) -> int:
             "bwd_step_ms": bwd["step_ms"], "bwd_balance": bwd["balance"], "bwd_pred_eff": bwd["efficiency"],
             "predicted_ms": fwd["ring_ms"],
         }))
+        write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
         print(f"  {case.name}: fwd step {fwd['step_ms']:.2f} ms, predicted efficiency {fwd['efficiency']:.2f}", file=sys.stderr)
     print_table(TITLE, rows, METRICS)
     write_json(NAME, TITLE, rows, METRICS, args.out)

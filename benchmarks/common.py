@@ -145,9 +145,12 @@ def print_table(title: str, rows: list[Row], metrics: list[str]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def write_json(name: str, title: str, rows: list[Row], metrics: list[str], out: str | None = None) -> str:
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def write_json(name: str, title: str, rows: list[Row], metrics: list[str], out: str | None = None,
+               quiet: bool = False) -> str:
+    """Write the rows so far (the scripts call it after every row, ``quiet``, so a run cut
+    off at a time limit keeps what it measured; then once more at the end)."""
     path = out or os.path.join(RESULTS_DIR, f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     payload = {
         "name": name,
         "title": title,
@@ -159,7 +162,8 @@ def write_json(name: str, title: str, rows: list[Row], metrics: list[str], out: 
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)  # never leave a half-written result over a good one
-    print(f"\nwrote {path}", file=sys.stderr)
+    if not quiet:
+        print(f"\nwrote {path}", file=sys.stderr)
     return path
 
 

@@ -1,20 +1,161 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in one call (device time is scarce):
-# build with the CUDA kernels, the whole test suite (the GPU tests run there), then every
-# benchmark. Logs and JSON go to $OUT when set (the device tool), else benchmarks/results.
-#   bash benchmarks/gpu_session.sh [--quick]
+# Everything a session with a lent GPU runs, in ONE device call (device time is scarce):
+#   bash benchmarks/gpu_session.sh            # GPU machine: quick benchmark cases (fits 10 minutes)
+#   bash benchmarks/gpu_session.sh --full     # GPU machine: every benchmark case (longer)
+#   bash benchmarks/gpu_session.sh --rehearse # CPU machine (CI): the same install, imports and CLI, no measurements
+#
+# The lent machine is offline and its Python is what it is (numpy 2.5, no PyAV): nothing is
+# downloaded and nothing is up- or downgraded. In order, each step under its own timeout
+# (a hung step cannot eat the budget; LONGVITA_SESSION_BUDGET seconds in all, default 560):
+#   1. preflight: every module and build tool the session needs, named if missing (stops here if so)
+#   2. pip install --no-deps --no-build-isolation --no-index -e .  (the CUDA extension builds
+#      against the machine's torch; if its compile fails, again without it so Triton still runs)
+#   3. every longvita module and benchmark script imports with PyAV blocked; the extension is built
+#   4. python -m longvita info; longvita generate (CPU, and on the GPU in bf16)
+#   5. GPU: the test suite (GPU tests run; video tests skip without PyAV)
+#      rehearsal: pytest --collect-only (every test module imports), no test runs
+#   6. every benchmarks/bench_*.py, JSON per benchmark rewritten after every row
+#      (rehearsal: the same commands, which exit early without CUDA, and bench_ring --dry-run)
+#   7. make_results.py turns the JSON into RESULTS-tables.md
+# Results go to $OUT when set (the device tool brings that folder back), else benchmarks/results:
+#   session.log (everything, appended as it runs), summary.txt (one line per step),
+#   <benchmark>.json, RESULTS-tables.md. Exit status 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+mode=gpu
+bench_args=(--quick)
+for arg in "$@"; do
+  case $arg in
+    --rehearse) mode=rehearse ;;
+    --full) bench_args=() ;;
+    --quick) bench_args=(--quick) ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh [--quick|--full|--rehearse]" >&2; exit 2 ;;
+  esac
+done
+
 dest=${OUT:-benchmarks/results}
 mkdir -p "$dest"
-quick=${1:-}
-export PYTHONUNBUFFERED=1
+dest=$(cd "$dest" && pwd)
+log="$dest/session.log"
+summary="$dest/summary.txt"
+: >"$log"
+: >"$summary"
+budget=${LONGVITA_SESSION_BUDGET:-560}  # the device tool stops a command at 600 s
+reserve=20                              # kept for make_results and the summary
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ "$mode" = gpu ]; then
+  export PIP_BREAK_SYSTEM_PACKAGES=1  # the lent image's Python is the system's; nothing else lives there
+  if ! command -v nvcc >/dev/null && [ -x /usr/local/cuda/bin/nvcc ]; then
+    export PATH=/usr/local/cuda/bin:$PATH  # setup.py builds the CUDA kernels only where it finds nvcc
+  fi
+else
+  unset TRITON_INTERPRET  # a user's shell: the CLI runs the CPU reference paths
+fi
+failed=0
 
-python -m pip install -q --no-build-isolation -e '.[test]' 2>&1 | tail -3
-log="$dest/session.log"  # one log: the device tool brings back at most 8 files
-python -m longvita info 2>&1 | tee "$log"
-python -m pytest tests -q 2>&1 | tee -a "$log" | tail -15
-for b in attention lm_head pixel_shuffle ring; do
-  python "benchmarks/bench_$b.py" $quick --out "$dest/$b.json" 2>&1 | tee -a "$log" | tail -40
+say() { echo "$*" | tee -a "$log"; }
+
+# step NAME CAP_SECONDS COMMAND...: run under `timeout` (capped by what is left of the budget),
+# output appended to the log as it comes, one line in the summary.
+step() {
+  local name=$1 cap=$2
+  shift 2
+  local left=$((budget - reserve - SECONDS))
+  ((cap > left)) && cap=$left
+  if ((cap < 5)); then
+    echo "$name: SKIPPED (session budget spent)" | tee -a "$summary" "$log"
+    failed=1
+    return 124
+  fi
+  say ""
+  say "=== $name (timeout ${cap}s, at ${SECONDS}s): $*"
+  local t0=$SECONDS rc
+  # SIGINT first: pytest prints its summary, the benchmarks keep the JSON they wrote
+  timeout -s INT -k 15 "$cap" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  local took=$((SECONDS - t0))
+  if ((rc == 0)); then
+    echo "$name: ok (${took}s)" >>"$summary"
+  elif ((rc == 124 || rc == 137 || rc == 130)); then
+    echo "$name: TIMED OUT after ${took}s (cap ${cap}s)" >>"$summary"
+    failed=1
+  else
+    echo "$name: FAILED with status $rc (${took}s)" >>"$summary"
+    failed=1
+  fi
+  tail -n 1 "$summary" | tee -a "$log"
+  return "$rc"
+}
+
+finish() {
+  if ls "$dest"/*.json >/dev/null 2>&1; then
+    python benchmarks/make_results.py "$dest"/*.json >"$dest/RESULTS-tables.md" 2>>"$log" \
+      && echo "make_results: ok ($dest/RESULTS-tables.md)" >>"$summary" \
+      || { echo "make_results: FAILED" >>"$summary"; failed=1; }
+  fi
+  say ""
+  say "=== summary ($mode, ${SECONDS}s; results in $dest)"
+  tee -a "$log" <"$summary"
+  exit "$failed"
+}
+
+say "longvita GPU session, mode $mode, $(date -u +%FT%TZ), $(python --version 2>&1) at $(command -v python)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
+
+# 1. everything needed is there (the rehearsal also holds the package's requirements to it)
+strict=()
+[ "$mode" = rehearse ] && strict=(--strict)
+if ! step preflight-deps 60 python benchmarks/gpu_preflight.py deps "${strict[@]}"; then
+  say "the machine lacks what the session needs (listed above): nothing measured"
+  finish
+fi
+
+# 2. install offline against the machine's torch
+pip_install=(python -m pip install --no-deps --no-build-isolation --no-index -e .)
+if ! step install 300 "${pip_install[@]}"; then
+  if [ "$mode" = gpu ]; then
+    LONGVITA_SKIP_CUDA=1 step install-without-cuda-kernels 150 "${pip_install[@]}" || finish
+  else
+    finish
+  fi
+fi
+
+# 3. every module the run imports, without PyAV
+step preflight-installed 90 python benchmarks/gpu_preflight.py installed
+
+# 4. the command line (the rehearsal insists on the `longvita` entry point; the GPU machine's
+# scripts folder may not be on PATH)
+cli=(longvita)
+if [ "$mode" = gpu ] && ! command -v longvita >/dev/null; then
+  cli=(python -m longvita)
+fi
+step info 60 python -m longvita info
+step generate-cpu 120 "${cli[@]}" generate --max-new-tokens 2
+if [ "$mode" = gpu ]; then
+  step generate-cuda 120 "${cli[@]}" generate --device cuda --dtype bfloat16 --max-new-tokens 8 --json
+fi
+
+# 5. tests
+if [ "$mode" = gpu ]; then
+  step tests 240 python -m pytest tests -q -p no:cacheprovider -n "${LONGVITA_TEST_WORKERS:-8}" -rfEs --durations=10
+else  # no interpreter here (numpy >= 2.4): collection imports every test and benchmark module
+  TRITON_INTERPRET=0 step collect 120 python -m pytest --collect-only -qq -p no:cacheprovider tests benchmarks
+fi
+
+# 6. benchmarks, the time left shared among those not yet run
+benches=(benchmarks/bench_*.py)
+n=${#benches[@]}
+for b in "${benches[@]}"; do
+  name=$(basename "$b" .py)
+  name=${name#bench_}
+  share=$(((budget - reserve - SECONDS) / n))
+  step "bench-$name" "$share" python "$b" "${bench_args[@]}" --out "$dest/$name.json"
+  n=$((n - 1))
 done
-python benchmarks/make_results.py "$dest"/*.json > "$dest/RESULTS-tables.md"
+if [ "$mode" = rehearse ]; then  # JSON from a real script for make_results, without a GPU
+  step bench-ring-model 60 python benchmarks/bench_ring.py --dry-run --quick --out "$dest/ring_model.json"
+fi
+
+# 7. tables
+finish

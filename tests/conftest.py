@@ -19,6 +19,29 @@ def _cuda_available() -> bool:
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_numpy_problem() -> str | None:
+    """Triton 3.6's interpreter is numpy underneath and numpy 2.4 breaks it (wrong results
+    and crashes deep in the kernels): refuse to run rather than fail a hundred tests."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return None  # on a GPU (or with TRITON_INTERPRET=0) numpy's version does not matter
+    import numpy
+
+    major, minor = (int(x) for x in numpy.__version__.split(".")[:2])
+    if (major, minor) < (2, 4):
+        return None
+    return (
+        f"the CPU tests run Triton kernels in Triton 3.6's interpreter (TRITON_INTERPRET=1), which "
+        f"numpy {numpy.__version__} breaks: it needs numpy<2.4. Fix: pip install 'numpy<2.4' "
+        f"(the test extra pins it: pip install --no-build-isolation '.[test]'), or run the tests on a GPU."
+    )
+
+
+def pytest_configure(config):
+    problem = _interpreter_numpy_problem()
+    if problem:
+        pytest.exit(problem, returncode=4)
+
 import torch  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

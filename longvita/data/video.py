@@ -147,17 +147,21 @@ class VideoFrames:
     fps: float = 0.0
 
 
-def _import_av():
-    # imported on use, never at module import: only video users need PyAV
+def _import_av(path: Path):
+    """PyAV, imported on first use: it is optional (``pip install 'longvita[video]'``),
+    so nothing else in longvita may import it at import time."""
     try:
         import av
-    except ImportError as exc:
-        raise ImportError(f"reading video needs PyAV (pip install av): {exc}") from None
+    except ImportError:
+        raise InputError(
+            f"video file {str(path)!r}: decoding video needs PyAV, which is not installed: "
+            "pip install 'longvita[video]' (or pip install av)"
+        ) from None
     return av
 
 
 def _open(path: Path):
-    av = _import_av()
+    av = _import_av(path)
     try:
         container = av.open(str(path))
     except (av.FFmpegError, OSError, ValueError) as exc:
@@ -203,7 +207,8 @@ def read_video(
     tiles on its device, with the same result.
 
     Raises InputError naming the file if it is missing, has no video stream, cannot be
-    decoded, or yields no frames; warns (``VideoWarning``) when it is usable only in part."""
+    decoded, or yields no frames (without PyAV: an InputError saying how to install it);
+    warns (``VideoWarning``) when it is usable only in part."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"video file {str(path)!r} does not exist")
@@ -212,7 +217,7 @@ def read_video(
     if image_size <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     frame_indices(0, 1.0, preprocess=preprocess, max_fps=max_fps, max_frames=max_frames)  # options, before I/O
-    av = _import_av()
+    av = _import_av(path)  # after the argument checks: a missing file is reported as such
 
     # Pass 1: presentation timestamps from packets only (no decoding), to choose frames
     # before paying for any pixel conversion.
