@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 
+LONG_PREFILL_TOKENS = 8192  # prompts from this long show a prefill progress bar
 EXIT_INPUT = 1  # bad input (files, arguments, checkpoints); argparse's own errors exit 2
 
 
@@ -183,6 +184,15 @@ def _generate(args, torch, rank: int, world: int) -> int:
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    from tqdm.auto import tqdm
+
+    # a long prefill shows its progress on rank 0 (stderr; tqdm hides itself off a terminal)
+    prefill_bar = tqdm(total=100, desc="prefill", unit="%", leave=False,
+                       disable=True if rank != 0 or n_prompt < LONG_PREFILL_TOKENS else None)
+
+    def prefill_progress(fraction: float) -> None:
+        prefill_bar.update(round(100 * fraction) - prefill_bar.n)
+
     # media stay on the CPU (video frames as uint8): the model moves and normalises one
     # bounded chunk of tiles at a time, and under CP each rank only the tiles it owns
     if world > 1:
@@ -192,15 +202,15 @@ def _generate(args, torch, rank: int, world: int) -> int:
         stream = cp.generate(
             input_ids, prompt.pixel_values, max_new_tokens=args.max_new_tokens,
             eos_token_id=pipe.special.eos_token_id, sampling=sampling, generator=gen,
+            prefill_progress=prefill_progress,
         )
     else:
         cp = None
         stream = model.generate(
             input_ids, prompt.pixel_values, max_new_tokens=args.max_new_tokens, eos_token_id=pipe.special.eos_token_id,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
-            prefill_chunk=args.prefill_chunk,
+            prefill_chunk=args.prefill_chunk, prefill_progress=prefill_progress,
         )
-    from tqdm.auto import tqdm
 
     tokens: list[int] = []
     t1 = time.perf_counter()
@@ -211,9 +221,11 @@ def _generate(args, torch, rank: int, world: int) -> int:
     for tok in stream:
         if prefill_s is None:  # the first token comes out of the prefill
             prefill_s = time.perf_counter() - t1
+            prefill_bar.close()
         tokens.append(tok)
         progress.update()
     progress.close()
+    prefill_bar.close()
     total_s = time.perf_counter() - t1
     if prefill_s is None:  # --max-new-tokens 0: nothing was computed
         prefill_s = 0.0

@@ -85,7 +85,9 @@ def _run(rank, world, seed, video_path=None):
         real = model.image_embeddings
         model.image_embeddings = lambda p, real=real: (seen.append(p.shape[0]), real(p))[1]
         cp = ContextParallelGenerator(model, tiles_per_chunk=2, keep_logits=True)
-        tokens = list(cp.generate(ids, pixels, max_new_tokens=NEW_TOKENS))
+        fractions = []
+        tokens = list(cp.generate(ids, pixels, max_new_tokens=NEW_TOKENS, prefill_progress=fractions.append))
+        assert fractions == [(i + 1) / model.config.text.num_layers for i in range(model.config.text.num_layers)]
         model.image_embeddings = real
         results[name] = dict(tokens=tokens, kv_tokens=cp.stats.kv_tokens, tiles=cp.stats.tiles_encoded,
                              vision_calls=seen, logits=cp.logits)

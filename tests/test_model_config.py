@@ -171,8 +171,10 @@ def test_chunked_prefill_equals_unchunked(chunk, monkeypatch):
     monkeypatch.setattr(Sampling, "__call__", lambda self, logits, g=None: (rows.append(logits.clone()), real_call(self, logits, g))[1])
     want = list(model.generate(ids, pixels, max_new_tokens=5))
     want_rows, rows[:] = list(rows), []
-    got = list(model.generate(ids, pixels, max_new_tokens=5, prefill_chunk=chunk))
+    fractions = []
+    got = list(model.generate(ids, pixels, max_new_tokens=5, prefill_chunk=chunk, prefill_progress=fractions.append))
     assert got == want
+    assert len(fractions) == -(-ids.numel() // chunk) and fractions == sorted(fractions) and fractions[-1] == 1.0
     for a, b in zip(rows, want_rows, strict=True):
         assert ((a - b).abs().max() / b.abs().max()).item() < 1e-12
     # and the same as recomputing the whole sequence at every step (no cache at all)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -70,17 +70,22 @@ class ShardedKVCache:
 
 
 class RingPrefillAttention(DecoderAttention):
-    """Prefill: ring attention over the zigzag shard; the K/V of real tokens go to the cache."""
+    """Prefill: ring attention over the zigzag shard; the K/V of real tokens go to the cache.
+    ``progress(fraction)`` is called after each layer's attention (a progress bar)."""
 
-    def __init__(self, layout: ZigzagLayout, cache: ShardedKVCache, group):
+    def __init__(self, layout: ZigzagLayout, cache: ShardedKVCache, group, progress=None, num_layers: int = 1):
         self.layout, self.cache, self.group = layout, cache, group
+        self.progress, self.num_layers = progress, num_layers
         self.real_rows = layout.real_tokens[cache.rank].nonzero().squeeze(1)  # local rows that are not padding
 
     def attend(self, layer_idx, q, k, v):
         n = self.real_rows.numel()
         self.cache.k[layer_idx][:n] = k.index_select(0, self.real_rows)
         self.cache.v[layer_idx][:n] = v.index_select(0, self.real_rows)
-        return ring_attention(q, k, v, self.layout, group=self.group, causal=True)
+        out = ring_attention(q, k, v, self.layout, group=self.group, causal=True)
+        if self.progress is not None:
+            self.progress((layer_idx + 1) / self.num_layers)
+        return out
 
 
 class ShardedDecodeAttention(DecoderAttention):
@@ -172,10 +177,12 @@ class ContextParallelGenerator:
         eos_token_id: int | None = None,
         sampling: Sampling = Sampling(),
         generator: torch.Generator | None = None,
+        prefill_progress: Callable[[float], None] | None = None,
     ) -> Iterator[int]:
         """Yield the new token ids. input_ids (L,) the whole prompt, on every rank;
-        pixel_values (tiles, 3, S, S) its tiles in slot order (may stay on the CPU: each
-        rank moves only the tiles it encodes)."""
+        pixel_values (tiles, 3, S, S) its tiles in slot order, normalised float or uint8
+        (may stay on the CPU: each rank moves only the tiles it encodes).
+        ``prefill_progress(fraction)`` is called after every layer of the prefill."""
         model, rank, world = self.model, self.rank, self.world
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -203,7 +210,7 @@ class ContextParallelGenerator:
         self.cache = cache = ShardedKVCache(model.config.text, capacity, lengths, rank, device, embeds.dtype)
         self.stats = GenerationStats(prompt_tokens=total, tiles_encoded=tiles)
         self.logits = {}
-        attention = RingPrefillAttention(layout, cache, self.group)
+        attention = RingPrefillAttention(layout, cache, self.group, prefill_progress, model.config.text.num_layers)
         hidden = model.hidden_states(inputs_embeds=embeds, position_ids=index, attention=attention)
 
         # the last prompt token: the rank that holds it computes its logits (one row) and

@@ -8,7 +8,7 @@ order. Only the rows in ``logits_index`` reach the LM head.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -240,13 +240,15 @@ class LongVITA(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         prefill_chunk: int | None = None,
+        prefill_progress: Callable[[float], None] | None = None,
     ) -> Iterator[int]:
         """Yield new token ids of one sequence: prefill once, then KV-cached decode.
 
         Only the last position reaches the LM head at every step. ``temperature=0`` is
         greedy; otherwise ``top_k``/``top_p`` filter and ``generator`` draws.
         ``prefill_chunk=N`` runs the prompt through the cache N tokens at a time (media
-        included), so activation memory is bounded by N, not by the prompt.
+        included), so activation memory is bounded by N, not by the prompt;
+        ``prefill_progress(fraction)`` is then called after every chunk (a progress bar).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -269,6 +271,8 @@ class LongVITA(nn.Module):
                 rows = torch.arange(start, min(start + prefill_chunk, total), device=device)
                 embeds, _ = self.embed_rows(input_ids, pixel_values, rows)
                 hidden = self.hidden_states(inputs_embeds=embeds, cache=cache)
+                if prefill_progress is not None:
+                    prefill_progress(int(rows[-1]) / (total - 1) if total > 1 else 1.0)
             logits = gather_logits(hidden, self.lm_head.weight, torch.tensor([hidden.shape[0] - 1], device=device))
         for step in range(max_new_tokens):
             token = sample(logits[-1], generator)
