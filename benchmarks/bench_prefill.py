@@ -1,16 +1,22 @@
 """End-to-end prefill and decode of the full model: LM-head strategies, longest prompt, decode speed, CP scaling.
 
     python benchmarks/bench_prefill.py [--quick] [--layers N] [--parts abcd] [--out FILE]   # one GPU
-    torchrun --nproc-per-node P benchmarks/bench_prefill.py [--layers N]   # P GPUs: (d) measured
-    python benchmarks/bench_prefill.py --cpu-smoke --out X.json            # no GPU: tiny preset, seconds
-    pytest benchmarks/bench_prefill.py --benchmark-only                    # pytest-benchmark (GPU)
+    python benchmarks/bench_prefill.py --parts ad --layers 8 --out a_d.json   # Table 4 + CP model, 8 layers
+    python benchmarks/bench_prefill.py --parts bc --out b_c.json              # full 48 layers: (b), (c)
+    torchrun --nproc-per-node P benchmarks/bench_prefill.py [--layers N] [--cp-lengths 131072,...]
+                                                       # P GPUs: (d) measured beside its prediction
+    python benchmarks/bench_prefill.py --cpu-smoke --out X.json   # no GPU (also the default there): seconds
+    pytest benchmarks/bench_prefill.py --benchmark-only           # pytest-benchmark (GPU; skips without one)
 
 Model: Long-VITA-14B shapes (InternViT-300M + projector + Qwen2.5-14B, V=152064) with
 random weights in bf16, one text-only sequence. ``--layers N`` keeps N of the 48 decoder
-layers so that a search fits in a run; the title of the table states the count. The
-activation memory of a prefill does not depend on the layer count, the weights and the
-KV cache do, and every prediction below is made for the configuration actually run (and,
-for (b), also for the full 48 layers on an 80 GB H100).
+layers (default all 48; ``--quick``: 4 layers, searches capped at 256K tokens) so that a
+run fits the time one has; the title of the table states the count. Every try of a
+search near 300K tokens prefills the whole prompt, minutes with 48 layers: run the parts
+separately (``--parts``) where a command's time is limited. The activation memory of a
+prefill does not depend on the layer count, the weights and the KV cache do; every
+prediction below is made for the configuration actually run (and, for (b), also for the
+full 48 layers on an 80 GB H100).
 
 (a) Long-VITA's Table 4 on this hardware: a plain (non-cached) prefill through
     ``model.hidden_states`` and one of three LM heads, keeping the last position's logits:
@@ -25,16 +31,20 @@ for (b), also for the full 48 layers on an 80 GB H100).
     (weights + the largest layer's activations or the head's logits, see ``prefill_peak``).
 (b) The longest prompt that prefills through the KV cache ``--prefill-chunk`` tokens at a
     time (``LongVITA.generate(prefill_chunk=...)``) and then decodes 16 tokens, searched the
-    same way, beside the prediction (free memory - weights - one chunk's activations) / KV
-    bytes per token. For Long-VITA-14B the KV cache is 48 layers x 2 x 8 heads x 128 x 2 B
-    = 192 KiB per token and the weights 29.5 GB, so an 80 GB H100 should hold >= 192K tokens.
+    same way (from half the prediction, so that few tries prefill a whole long prompt),
+    beside the prediction (free memory after loading - one chunk's activations) / KV bytes
+    per token. For Long-VITA-14B the KV cache is 48 layers x 2 x 8 heads x 128 x 2 B =
+    192 KiB per token and the weights 30.2 GB (29.5 of them the LM), so 80 GB should hold
+    about 247K tokens with 8K-token chunks (the target: >= 192K).
 (c) Decode speed at 32K and 128K of context: tokens/s of KV-cached decoding after a chunked
     prefill (time from the first generated token to the last, over the tokens in between).
 (d) Context-parallel prefill scaling for P = 1, 2, 4, 8 predicted with the ring-attention
     time model of ``bench_ring.py``: per layer, the dense part (projections, MLP) splits
     evenly over P, the attention takes the ring's predicted time from this GPU's block
-    timings and ``--link-gbps``; the dense part is the measured single-GPU prefill minus its
-    measured causal attention. Under torchrun the context-parallel prefill
+    timings and ``--link-gbps``. The dense part is linear in N: measured once at 32K (the
+    prefill minus its layers' causal attention, timed alone) and scaled; the P = 1 row is
+    that plus the attention timed at N, so it exists where a whole prefill would not fit
+    one GPU (1M tokens). Under torchrun the context-parallel prefill
     (``ContextParallelGenerator``) is also run for real and its time printed beside the
     prediction for this world size.
 
@@ -111,8 +121,9 @@ def settings_from_args(args) -> Settings:
     if cpu:
         layers = args.layers or 2
         return Settings(
-            device="cpu", dtype=torch.float32, preset="tiny", vocab_size=CPU_VOCAB, layers=layers, lengths=[128, 512],
-            decode_lengths=[128, 512], cp_lengths=[512], search_start=64, search_limit=65536, resolution=32, resolution_b=256,
+            device="cpu", dtype=torch.float32, preset="tiny", vocab_size=CPU_VOCAB, layers=layers,
+            lengths=[128, 512], decode_lengths=[128, 512], cp_lengths=[512],
+            search_start=64, search_limit=65536, resolution=32, resolution_b=256,
             head_chunk=128, prefill_chunk=128, budget_bytes=args.cpu_budget_mib * 2**20, iters=1,
         )
     layers = args.layers or (4 if args.quick else 48)
@@ -120,10 +131,14 @@ def settings_from_args(args) -> Settings:
         device="cuda", dtype=torch.bfloat16, preset="long-vita-14b", vocab_size=None, layers=layers,
         lengths=[8192, 32768] if args.quick else [8192, 32768, 131072],
         decode_lengths=[32768] if args.quick else [32768, 131072],
-        cp_lengths=[131072] if args.quick else [131072, 262144, 1048576],
-        search_start=args.search_start, search_limit=args.search_limit,
-        resolution=args.resolution * (4 if args.quick else 1), resolution_b=args.resolution * (4 if args.quick else 1),
-        head_chunk=args.head_chunk, prefill_chunk=args.prefill_chunk, budget_bytes=None, iters=1 if args.quick else 3,
+        cp_lengths=args.cp_lengths or ([131072] if args.quick else [131072, 262144, 1048576]),
+        # quick: few layers make every prompt fit, so the searches stop at 256K tokens
+        search_start=args.search_start,
+        search_limit=min(args.search_limit, 262144) if args.quick else args.search_limit,
+        resolution=args.resolution * (4 if args.quick else 1),
+        resolution_b=args.resolution * (4 if args.quick else 1),
+        head_chunk=args.head_chunk, prefill_chunk=args.prefill_chunk, budget_bytes=None,
+        iters=1 if args.quick else 3,
     )
 
 
@@ -242,16 +257,17 @@ def search_largest(fits, start: int, limit: int, resolution: int) -> int:
 def attempt(fn, s: Settings, simulated_peak: float | None = None) -> bool:
     """Run fn(); False (memory freed) when it ran out of memory. On the CPU the run is
     refused before it starts when the analytic peak passes the simulated budget."""
+    ok = False
     try:
         if s.budget_bytes is not None and simulated_peak is not None and simulated_peak > s.budget_bytes:
             raise SimulatedOOM(f"{simulated_peak / 2**20:.1f} MiB > budget")
         fn()
         sync(s.device)
-        return True
+        ok = True
     except OOM_ERRORS:
-        return False
-    finally:
-        free_memory(s.device)
+        pass
+    free_memory(s.device)  # here, after the handler: the exception's frames no longer hold tensors
+    return ok
 
 
 # --------------------------------------------------------------------------------------
@@ -273,9 +289,6 @@ def build_model(s: Settings) -> LongVITA:
             model = LongVITA(cfg)
     finally:
         torch.set_default_dtype(old)
-    for p in model.parameters():  # keep activations finite across the layers
-        if p.dim() == 2:
-            p.data.mul_(0.5)
     return model.eval().requires_grad_(False)
 
 
@@ -298,6 +311,7 @@ def setup_prefill(model: LongVITA, n: int, head: str, head_chunk: int):
             return model(ids, logits_index=last)
         hidden = model.hidden_states(ids)
         for start in range(0, n, head_chunk):  # every chunk's logits computed, only the last row kept
+            logits = None  # the previous chunk's logits go before the next chunk's are made
             logits = model.lm_head(hidden[start : start + head_chunk])
         return logits[-1:]
     return run
@@ -360,7 +374,8 @@ def part_a(model, s: Settings, rows: list[Row]) -> None:
                 print(f"  (a) {head} N={fmt_tokens(n)}: {metrics['ms']:.1f} ms", file=sys.stderr)
 
         def fits(n, head=head):
-            return attempt(setup_prefill(model, n, head, s.head_chunk), s, prefill_peak(cfg, n, head, elem, s.head_chunk))
+            fn = setup_prefill(model, n, head, s.head_chunk)
+            return attempt(fn, s, prefill_peak(cfg, n, head, elem, s.head_chunk))
 
         largest = search_largest(fits, s.search_start, s.search_limit, s.resolution)
         pred = largest_under(lambda n: prefill_peak(cfg, n, head, elem, s.head_chunk), capacity, s.search_limit)
@@ -375,9 +390,19 @@ def part_b(model, s: Settings, rows: list[Row]) -> None:
     def peak(n):
         return generate_peak(cfg, n, elem, s.prefill_chunk)
 
+    results = {}  # n -> (prefill s, decode tokens/s, peak GiB or None) of the tries that fit
+
     def fits(n):
         run = setup_generate(model, n, s.prefill_chunk)
-        return attempt(lambda: run(), s, peak(n))
+
+        def measured():
+            if not s.cpu:
+                torch.cuda.reset_peak_memory_stats()
+            base = 0 if s.cpu else torch.cuda.memory_allocated()
+            prefill_s, tok_s = run()
+            gib = None if s.cpu else (torch.cuda.max_memory_allocated() - base) / GIB
+            results[n] = (prefill_s, tok_s, gib)
+        return attempt(measured, s, peak(n))
 
     pred = largest_under(peak, capacity, s.search_limit)
     # every try near the limit prefills the whole prompt (minutes for the full model on a
@@ -386,13 +411,13 @@ def part_b(model, s: Settings, rows: list[Row]) -> None:
     start = s.search_start if s.cpu else max(res, pred // 2 // res * res)
     largest = search_largest(fits, start, s.search_limit, res)
     case = f"(b) chunked prefill ({fmt_tokens(s.prefill_chunk)}) + {DECODE_TOKENS} decoded"
-    metrics = {"max_tokens": largest, "pred_max_tokens": pred}
-    if largest and not s.cpu:
-        fn = setup_generate(model, largest, s.prefill_chunk)
-        metrics["gib"] = peak_memory_gib(fn) + weight_bytes(model) / GIB
-        metrics["pred_gib"] = (weight_bytes(model) + peak(largest)) / GIB
-        fn = None
-        free_memory(s.device)
+    metrics = {"tokens": largest, "max_tokens": largest, "pred_max_tokens": pred,
+               "pred_gib": (weight_bytes(model) + peak(largest)) / GIB}
+    if largest in results:  # the longest prompt's own run: prefill time, decode speed, peak memory
+        prefill_s, tok_s, gib = results[largest]
+        metrics.update(ms=prefill_s * 1e3, decode_tok_s=tok_s)
+        if gib is not None:
+            metrics["gib"] = gib + weight_bytes(model) / GIB
     rows.append(Row(case, f"{cfg.text.num_layers} layers (run)", metrics))
     print(f"  (b) largest prompt {largest} tokens (model: {pred}; KV {kv_bytes_per_token(cfg, elem)} "
           f"bytes/token, weights {weight_bytes(model) / 1e9:.2f} GB)", file=sys.stderr)
@@ -450,13 +475,15 @@ def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 
     dense_per_token = max(single0 - layers * attn0, 0.0) / n0
     predicted = {}
     for n in s.cp_lengths:
+        attn1 = None
         try:
             attn1 = time_ms(setup_attention(cfg, n, s.device, s.dtype), s, n)
         except OOM_ERRORS:
+            pass
+        free_memory(s.device)
+        if attn1 is None:
             print(f"  (d) N={fmt_tokens(n)}: one layer's attention does not fit one device; skipped", file=sys.stderr)
             continue
-        finally:
-            free_memory(s.device)
         dense = dense_per_token * n
         single = dense + layers * attn1
         for p in worlds:
@@ -512,7 +539,8 @@ def run_single(args) -> int:
         else:
             parts[key](model, s, rows)
     print_table(title(s), rows, METRICS)
-    write_json(NAME if sorted(args.parts) == list("abcd") else f"{NAME}_{args.parts}", title(s), rows, METRICS, args.out)
+    name = NAME if sorted(args.parts) == list("abcd") else f"{NAME}_{args.parts}"
+    write_json(name, title(s), rows, METRICS, args.out)
     return 0
 
 
@@ -545,11 +573,10 @@ def run_distributed(args) -> int:
         rows.append(Row(f"(d) CP prefill N={fmt_tokens(n)}", f"P={world} (measured)",
                         {"tokens": n, "measured_ms": ms.item()}))
         free_memory(s.device)
-    if rank == 0:  # this GPU's prediction for the same P, no communication involved
+    if rank == 0:  # this device's prediction for the same P (the other ranks are done)
         part_d(model, s, rows, args.link_gbps, worlds=(1, world))
         print_table(f"{title(s)} — {world} ranks", rows, METRICS)
         write_json(f"{NAME}_p{world}", title(s), rows, METRICS, args.out)
-    dist.barrier()
     dist.destroy_process_group()
     return 0
 
@@ -565,6 +592,8 @@ def main(argv=None) -> int:
     parser.add_argument("--search-start", type=int, default=16384, help="first prompt length of a search")
     parser.add_argument("--search-limit", type=int, default=1 << 21, help="longest prompt a search tries")
     parser.add_argument("--resolution", type=int, default=4096, help="a search stops when within this many tokens")
+    parser.add_argument("--cp-lengths", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="(d) prompt lengths, comma-separated (default 131072,262144,1048576)")
     parser.add_argument("--link-gbps", type=float, default=450.0, help="(d) ring link bandwidth per direction, GB/s")
     parser.add_argument("--cpu-budget-mib", type=float, default=2.0, help="CPU: the simulated memory budget")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/prefill.json)")
@@ -584,8 +613,8 @@ def main(argv=None) -> int:
 @pytest.fixture(scope="module")
 def gpu_model():
     s = settings_from_args(argparse.Namespace(
-        cpu_smoke=False, quick=True, layers=4, search_start=16384, search_limit=1 << 21, resolution=4096,
-        head_chunk=8192, prefill_chunk=8192, cpu_budget_mib=2.0))
+        cpu_smoke=False, quick=True, layers=4, cp_lengths=None, search_start=16384, search_limit=1 << 21,
+        resolution=4096, head_chunk=8192, prefill_chunk=8192, cpu_budget_mib=2.0))
     return build_model(s)
 
 

@@ -68,6 +68,7 @@ def check_payload(p):
     got, pred = b["metrics"]["max_tokens"], b["metrics"]["pred_max_tokens"]
     assert pred - RESOLUTION_B < got <= pred, f"(b): search found {got}, the budget allows {pred}"
     assert got > largest["last-token head"]
+    assert _finite_positive(b["metrics"].get("ms")) and _finite_positive(b["metrics"].get("decode_tok_s")), b
 
     # (c) decode speed at two context lengths
     decode = _rows(p, "(c)")
