@@ -469,15 +469,15 @@ def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 
     n0 = min(s.cp_lengths[0], s.decode_lengths[0])
     try:
         single0 = time_ms(setup_prefill(model, n0, "last-token head", s.head_chunk), s, n0)
-        attn0 = time_ms(setup_attention(cfg, n0, s.device, s.dtype), s, n0)
+        attn0 = time_ms(setup_attention(cfg, n0, s.device, s.dtype), s, n0)  # the prefill's own dtype
     finally:
         free_memory(s.device)
     dense_per_token = max(single0 - layers * attn0, 0.0) / n0
     predicted = {}
     for n in s.cp_lengths:
         attn1 = None
-        try:
-            attn1 = time_ms(setup_attention(cfg, n, s.device, s.dtype), s, n)
+        try:  # in bf16, as bench_ring's blocks
+            attn1 = time_ms(setup_attention(cfg, n, s.device, torch.bfloat16), s, n)
         except OOM_ERRORS:
             pass
         free_memory(s.device)

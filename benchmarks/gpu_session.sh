@@ -17,4 +17,8 @@ python -m pytest tests -q 2>&1 | tee -a "$log" | tail -15
 for b in attention lm_head pixel_shuffle ring; do
   python "benchmarks/bench_$b.py" $quick --out "$dest/$b.json" 2>&1 | tee -a "$log" | tail -40
 done
+# the whole model: Table 4 and the CP model on 8 layers, then the full 48 layers' longest
+# chunked prefill and decode speed (the longest runs: each try prefills the whole prompt)
+python benchmarks/bench_prefill.py $quick --parts ad --layers 8 --out "$dest/prefill_ad.json" 2>&1 | tee -a "$log" | tail -40
+python benchmarks/bench_prefill.py $quick --parts bc --out "$dest/prefill_bc.json" 2>&1 | tee -a "$log" | tail -20
 python benchmarks/make_results.py "$dest"/*.json > "$dest/RESULTS-tables.md"
