@@ -71,7 +71,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ring import KINDS, predict, setup_block  # noqa: E402
 from bench_ring import Case as RingCase  # noqa: E402
-from common import Row, gpu_only, peak_memory_gib, print_table, pytest_benchmark_median, write_json  # noqa: E402
+from common import Row, gpu_only, print_table, pytest_benchmark_median, write_json  # noqa: E402
 
 from longvita.model import LongVITA, preset  # noqa: E402
 
@@ -91,7 +91,12 @@ class SimulatedOOM(Exception):
     """CPU smoke runs: the analytic peak passed the simulated budget."""
 
 
-OOM_ERRORS = (torch.cuda.OutOfMemoryError, SimulatedOOM)
+def is_oom(e: BaseException) -> bool:
+    """Out of memory: torch's allocator, cuBLAS failing to allocate its workspace, or the
+    CPU run's simulated budget."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, SimulatedOOM)):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
 
 
 @dataclass
@@ -235,8 +240,16 @@ def time_ms(fn, s: Settings, tokens: int = 0) -> float:
     return times[len(times) // 2]
 
 
-def peak_gib(fn, s: Settings) -> float | None:
-    return peak_memory_gib(fn) if s.device == "cuda" else None
+def time_and_peak(fn, s: Settings, tokens: int) -> tuple[float, float | None]:
+    """(``time_ms`` of fn, peak GiB allocated above what was allocated before, None on the
+    CPU): the peak is read over the timed runs themselves, so no extra run is needed."""
+    if s.device != "cuda":
+        return time_ms(fn, s, tokens), None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ms = time_ms(fn, s, tokens)
+    return ms, (torch.cuda.max_memory_allocated() - base) / GIB
 
 
 def search_largest(fits, start: int, limit: int, resolution: int) -> int:
@@ -266,8 +279,9 @@ def attempt(fn, s: Settings, simulated_peak: float | None = None) -> bool:
         fn()
         sync(s.device)
         ok = True
-    except OOM_ERRORS:
-        pass
+    except Exception as e:
+        if not is_oom(e):
+            raise
     free_memory(s.device)  # here, after the handler: the exception's frames no longer hold tensors
     return ok
 
@@ -362,11 +376,12 @@ def part_a(model, s: Settings, rows: list[Row]) -> None:
                 if s.cpu and peak > s.budget_bytes:
                     raise SimulatedOOM
                 fn = setup_prefill(model, n, head, s.head_chunk)
-                metrics["ms"] = time_ms(fn, s, n)
-                gib = peak_gib(fn, s)
+                metrics["ms"], gib = time_and_peak(fn, s, n)
                 if gib is not None:
                     metrics["gib"] = gib + weight_bytes(model) / GIB
-            except OOM_ERRORS:
+            except Exception as e:
+                if not is_oom(e):
+                    raise
                 print(f"  (a) {head} N={fmt_tokens(n)}: out of memory", file=sys.stderr)
             finally:
                 fn = None
@@ -438,7 +453,9 @@ def part_c(model, s: Settings, rows: list[Row]) -> None:
             fn = setup_generate(model, n, s.prefill_chunk, DECODE_TOKENS_C)
             prefill_s, tok_s = fn()
             metrics.update(ms=prefill_s * 1e3, decode_tok_s=tok_s)
-        except OOM_ERRORS:
+        except Exception as e:
+            if not is_oom(e):
+                raise
             print(f"  (c) N={fmt_tokens(n)}: out of memory", file=sys.stderr)
         finally:
             fn = None
@@ -480,8 +497,9 @@ def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 
         attn1 = None
         try:  # in bf16, as bench_ring's blocks
             attn1 = time_ms(setup_attention(cfg, n, s.device, torch.bfloat16), s, n)
-        except OOM_ERRORS:
-            pass
+        except Exception as e:
+            if not is_oom(e):
+                raise
         free_memory(s.device)
         if attn1 is None:
             print(f"  (d) N={fmt_tokens(n)}: one layer's attention does not fit one device; skipped", file=sys.stderr)
