@@ -547,6 +547,10 @@ def run_single(args) -> int:
     s = settings_from_args(args)
     if s.cpu and not args.cpu_smoke:
         print("bench_prefill: no CUDA device; running the CPU smoke configuration (tiny preset).", file=sys.stderr)
+    if s.cpu:
+        # tiny ops: one thread is as fast, and on a shared CI machine intra-op threads
+        # spinning against other jobs made the run 7x slower
+        torch.set_num_threads(1)
     model = build_model(s)
     print(f"  model: {s.preset}, {s.layers} layers, weights {weight_bytes(model) / 1e9:.2f} GB, {s.dtype}",
           file=sys.stderr)
