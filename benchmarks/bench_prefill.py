@@ -178,21 +178,23 @@ def layer_peak(cfg, n: int, elem: int) -> float:
 def prefill_peak(cfg, n: int, head: str, elem: int, head_chunk: int) -> float:
     """Peak activation bytes of a plain prefill of n tokens with ``head`` (weights excluded)."""
     t = cfg.text
-    hidden = n * t.hidden_size * elem
     if head == "all-logits head":
-        head_bytes = hidden + n * t.vocab_size * elem
+        logits = n * t.vocab_size * elem
     elif head == "chunked head":
-        head_bytes = hidden + min(n, head_chunk) * t.vocab_size * elem
+        logits = min(n, head_chunk) * t.vocab_size * elem
     else:
-        head_bytes = hidden + t.vocab_size * 4
-    return max(layer_peak(cfg, n, elem), head_bytes + hidden)  # + the embeddings still referenced
+        logits = t.vocab_size * 4
+    # at the head: the input embeddings (referenced until the forward returns), the final
+    # hidden states and the logits
+    at_head = 2 * n * t.hidden_size * elem + logits
+    return max(layer_peak(cfg, n, elem), at_head)
 
 
 def generate_peak(cfg, n: int, elem: int, chunk: int) -> float:
     """Peak bytes (weights excluded) of a chunked prefill of n tokens then 16 decoded:
     the preallocated KV cache plus one chunk's activations."""
-    return kv_bytes_per_token(cfg, elem) * (n + DECODE_TOKENS) + prefill_peak(cfg, min(n, chunk), "last-token head",
-                                                                               elem, chunk)
+    one_chunk = prefill_peak(cfg, min(n, chunk), "last-token head", elem, chunk)
+    return kv_bytes_per_token(cfg, elem) * (n + DECODE_TOKENS) + one_chunk
 
 
 def largest_under(peak, budget: float, limit: int) -> int:
@@ -253,7 +255,7 @@ def time_and_peak(fn, s: Settings, tokens: int) -> tuple[float, float | None]:
 
 
 def search_largest(fits, start: int, limit: int, resolution: int) -> int:
-    """The largest n (a multiple of ``resolution``, at most ``limit``) for which ``fits(n)``
+    """The largest n (to within ``resolution``, at most ``limit``) for which ``fits(n)``
     is True: double from ``start`` until a failure or ``limit``, then bisect the last gap
     (below ``start`` when ``start`` itself fails); 0 when nothing fits. ``fits`` is
     assumed monotone (true up to some n, false after)."""
