@@ -87,11 +87,14 @@ class LongVITA(nn.Module):
         max_seqlen: int | None = None,
         cache: KVCache | None = None,
         attention: DecoderAttention | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states (tokens, hidden) of the packed input.
 
         Give ``input_ids`` (and ``pixel_values``), or ``inputs_embeds`` (tokens, hidden)
-        already embedded. Attention is causal within the documents of ``cu_seqlens``
+        already embedded. ``rows`` (int64 indices into ``input_ids``) computes only those
+        tokens, encoding only the tiles they need (``embed_rows``): a context-parallel
+        rank's shard, with an ``attention`` that sees the other ranks' tokens. Attention is causal within the documents of ``cu_seqlens``
         (default: one document), or through ``cache``, or whatever ``attention`` does (a
         ``DecoderAttention`` built outside, e.g. context-parallel by ``longvita.dist``:
         then ``position_ids`` are required)."""
@@ -107,6 +110,10 @@ class LongVITA(nn.Module):
             if input_ids.dim() != 1:
                 raise ValueError(f"input_ids must be 1-D (all packed tokens), got shape {tuple(input_ids.shape)}")
             total, device = input_ids.shape[0], input_ids.device
+            if rows is not None:
+                if attention is None:
+                    raise ValueError("rows needs an attention that sees the tokens outside them (e.g. ring attention)")
+                total = rows.shape[0]
         if sum(x is not None for x in (cu_seqlens, cache, attention)) > 1:
             raise ValueError("give at most one of cu_seqlens, cache and attention")
         if attention is not None:
@@ -128,7 +135,13 @@ class LongVITA(nn.Module):
                 position_ids = positions_from_cu_seqlens(cu_seqlens, total)
             attention = PackedAttention(cu_seqlens, max_seqlen)
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            if rows is None:
+                inputs_embeds = self.embed(input_ids, pixel_values)
+            else:
+                # a forward that will be differentiated runs the vision tower on every rank
+                # (see embed_rows): a sharded model's gradient collectives must match
+                min_tiles = 1 if torch.is_grad_enabled() else 0
+                inputs_embeds = self.embed_rows(input_ids, pixel_values, rows, min_tiles=min_tiles)[0]
         return self.text(inputs_embeds, position_ids, attention)
 
     def forward(
@@ -143,35 +156,45 @@ class LongVITA(nn.Module):
         logits_index: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attention: DecoderAttention | None = None,
+        rows: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        num_valid: torch.Tensor | int | None = None,
+        loss_group=None,
     ) -> torch.Tensor:
         """Logits (rows, vocab): all rows, or only ``logits_index`` (gather, then project).
-        Inputs as for ``hidden_states``."""
+        With ``labels`` (aligned with the rows: row i's label is the token it predicts,
+        ``ignore_index`` where none), the mean cross-entropy instead, fused with the LM head
+        so logits never exist; ``num_valid`` or ``loss_group`` make it a mean over a global
+        count (``linear_cross_entropy``). Inputs as for ``hidden_states``.
+
+        The loss is computed here, in ``forward``, so that wrappers that hook ``forward``
+        (FSDP2's ``fully_shard`` gathers the sharded LM head there) see it."""
         hidden = self.hidden_states(
             input_ids, pixel_values, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, attention=attention,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, attention=attention, rows=rows,
         )
+        if labels is not None:
+            if logits_index is not None:
+                raise ValueError("labels and logits_index cannot be combined")
+            return linear_cross_entropy(
+                hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid, group=loss_group
+            )
         if logits_index is None:
             return self.lm_head(hidden)
         return gather_logits(hidden, self.lm_head.weight, logits_index)
 
     def loss(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         labels: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
-        *,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        ignore_index: int = -100,
-        num_valid: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy; ``labels`` are aligned with ``input_ids`` (row i's
-        label is the token it predicts, -100 where ignored). Logits are never materialised."""
-        hidden = self.hidden_states(
-            input_ids, pixel_values, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
-        )
-        return linear_cross_entropy(hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid)
+        """Mean next-token cross-entropy (``forward`` with ``labels``; logits are never
+        materialised). ``labels`` are aligned with ``input_ids``: row i's label is the token
+        it predicts, -100 where ignored."""
+        return self(input_ids, pixel_values, labels=labels, **kwargs)
 
     def check_length(self, tokens: int) -> None:
         """Raise ValueError when one sequence of ``tokens`` positions would pass the
@@ -190,6 +213,7 @@ class LongVITA(nn.Module):
         rows: torch.Tensor,
         *,
         tiles_per_chunk: int = 64,
+        min_tiles: int = 0,
     ) -> tuple[torch.Tensor, int]:
         """Embeddings of the tokens ``input_ids[rows]`` with their media, encoding only the
         tiles whose context tokens are among ``rows`` (a tile cut by the edge of ``rows``
@@ -198,6 +222,9 @@ class LongVITA(nn.Module):
         chunk moves to the model's device when it is encoded.
 
         input_ids: (total,) the whole prompt; rows: (n,) int64 indices into it.
+        min_tiles=1: when ``rows`` hold no media, still run the vision tower on one tile
+        with a zero weight, so that every rank of a sharded (FSDP) model takes part in the
+        vision tower's gradient collectives.
         Returns ((n, hidden) embeddings, number of tiles encoded)."""
         if tiles_per_chunk < 1:
             raise ValueError(f"tiles_per_chunk must be >= 1, got {tiles_per_chunk}")
@@ -215,7 +242,10 @@ class LongVITA(nn.Module):
             )
         local = mask.index_select(0, rows).nonzero().squeeze(1)  # positions in `rows` that are media
         if local.numel() == 0:
-            return embeds, 0
+            if min_tiles < 1:
+                return embeds, 0
+            unused = self.image_embeddings(pixel_values[:1].to(embeds.device))  # gradient 0, but present
+            return embeds + 0 * unused.sum().to(embeds.dtype), 1
         slots = slot_of.index_select(0, rows.index_select(0, local))
         tiles, which = torch.unique(slots // tpt, return_inverse=True)  # sorted tiles to encode
         dev = embeds.device
