@@ -129,6 +129,7 @@ def test_manifest_errors_name_file_and_line(tmp_path):
         ({"messages": _text([("robot", "hi"), ("assistant", "x")])}, "robot"),
         ({"messages": _text([("user", "<image> <image>"), ("assistant", "x")]), "images": ["a.png"]}, "placeholders"),
         ({"messages": _text(CONV_B), "images": [3]}, "images"),
+        ({"messages": _text([("system", "s"), ("assistant", "x")]), "images": ["a.png"]}, "no user message"),
     ]:
         path = _manifest(tmp_path, [good, bad])
         with pytest.raises(InputError, match=rf"m\.jsonl.*line 2.*{words}"):

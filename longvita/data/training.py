@@ -60,6 +60,7 @@ __all__ = [
     "read_manifest",
     "stage_ratios",
     "tokenize_sample",
+    "truncate",
 ]
 
 IGNORE_INDEX = -100
@@ -104,6 +105,8 @@ def _check_messages(messages, n_images: int, n_videos: int, path: Path, line: in
             seen[p] += 1
     if not any(m["role"] == "assistant" for m in messages):
         raise _bad(path, line, "no assistant message (nothing to train on)")
+    if (n_images or n_videos) and not any(m["role"] == "user" for m in messages):
+        raise _bad(path, line, "media are listed but there is no user message to put them in")
     if seen["<image>"] + seen["<video>"]:  # placeholders given: they must use the lists up exactly
         if seen["<image>"] != n_images or seen["<video>"] != n_videos:
             raise _bad(path, line, f"{seen['<image>']} <image> / {seen['<video>']} <video> placeholders but "
