@@ -240,7 +240,19 @@ def test_resume_continues_with_the_same_packs(tok, reset):
     assert ref[0].names != ref[1].names
 
 
-def test_synthetic_dataset_loads_and_packs(tok, tmp_path):
+def test_mixture_from_manifests(tmp_path):
+    a = _manifest(tmp_path, [{"messages": _text(CONV_B), "source": "ignored"}] * 3, "a.jsonl")
+    b = _manifest(tmp_path, [{"messages": _text(CONV_A)}] * 2, "b.jsonl")
+    mix = Mixture.from_manifests({"old": [a, b], "new": b}, {"old": 0.2}, seed=1)
+    assert {k: len(v) for k, v in mix.sources.items()} == {"old": 5, "new": 2}
+    assert {s.source for s in mix.sources["old"]} == {"old"}
+    assert len(mix.epoch_order(0)) == 1 + 2
+    grouped = Mixture.from_samples(read_manifest(a) + read_manifest(b))
+    assert sorted(grouped.sources) == ["b", "ignored"]
+
+
+@pytest.mark.parametrize("preprocess", ["long-vita", "internvl"])
+def test_synthetic_dataset_loads_and_packs(tok, tmp_path, preprocess):
     manifest = write_synthetic_dataset(tmp_path / "syn", n_samples=12, seed=5)
     again = write_synthetic_dataset(tmp_path / "syn2", n_samples=12, seed=5)
     assert manifest.read_text() == again.read_text()
@@ -254,7 +266,9 @@ def test_synthetic_dataset_loads_and_packs(tok, tmp_path):
     mix = Mixture({"syn": samples}, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DataWarning)  # nothing skipped or truncated
-        packs = [PackStream(mix, tok, 384, TINY).next_pack() for _ in range(3)]
+        media = MediaConfig(tokens_per_tile=4, image_size=56, max_num=6, preprocess=preprocess)
+        stream = PackStream(mix, tok, 384, media)
+        packs = [stream.next_pack() for _ in range(3)]
     for pack in packs:
         assert pack.input_ids.shape == (384,) and pack.num_valid > 0 and not pack.skipped_media
         n_context = sum(int((pack.input_ids == t).sum()) for t in SpecialTokens.from_tokenizer(tok).context_token_ids)

@@ -355,6 +355,25 @@ class Mixture:
         self.epoch, self.index = 0, 0
         self._order: list[tuple[str, int]] | None = None
 
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], ratios: Mapping[str, float] | None = None, **kwargs) -> "Mixture":
+        """Group ``samples`` by their ``source`` (e.g. one manifest holding several sources)."""
+        sources: dict[str, list[Sample]] = {}
+        for s in samples:
+            sources.setdefault(s.source, []).append(s)
+        return cls(sources, ratios, **kwargs)
+
+    @classmethod
+    def from_manifests(cls, manifests: Mapping[str, str | Path | Sequence[str | Path]],
+                       ratios: Mapping[str, float] | None = None, **kwargs) -> "Mixture":
+        """One source per name, read from one manifest or several (every sample's
+        ``source`` set to that name)."""
+        sources = {}
+        for name, paths in manifests.items():
+            paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+            sources[name] = [s for p in paths for s in read_manifest(p, source=name)]
+        return cls(sources, ratios, **kwargs)
+
     def epoch_order(self, epoch: int) -> list[tuple[str, int]]:
         """(source, sample index) pairs of epoch ``epoch``, in order."""
         order = []
