@@ -1,5 +1,7 @@
 """Inputs: image tiling, video frames, tokenizer and the chat/media token layout, for
-each preprocessing family (``long-vita``, ``internvl``; see ``PREPROCESSING.md``).
+each preprocessing family (``long-vita``, ``internvl``; see ``PREPROCESSING.md``); and
+training data: JSONL manifests, labelled samples, packs, stage mixtures, a synthetic set
+(``training.py``, ``synthetic.py``; docs/architecture.md, "Training data").
 
 Sits beside ``longvita.model`` and does not import it."""
 
@@ -15,11 +17,44 @@ from longvita.data.image import (
     load_image,
     tile_image,
 )
-from longvita.data.template import PackedPrompt, build_inputs, tokens_per_tile
+from longvita.data.synthetic import write_synthetic_dataset
+from longvita.data.template import Conversation, MediaSpan, PackedPrompt, build_conversation, build_inputs, tokens_per_tile
 from longvita.data.tokenizer import SPECIAL_TOKENS, SpecialTokens, build_default_tokenizer, load_tokenizer
+from longvita.data.training import (
+    IGNORE_INDEX,
+    DataWarning,
+    MediaConfig,
+    Mixture,
+    Pack,
+    PackStream,
+    Sample,
+    TokenizedSample,
+    pack_samples,
+    read_manifest,
+    stage_ratios,
+    tokenize_sample,
+    truncate,
+)
 from longvita.data.video import VideoFrames, VideoWarning, frame_indices, load_video, read_video
 
 __all__ = [
+    "IGNORE_INDEX",
+    "Conversation",
+    "DataWarning",
+    "MediaConfig",
+    "MediaSpan",
+    "Mixture",
+    "Pack",
+    "PackStream",
+    "Sample",
+    "TokenizedSample",
+    "build_conversation",
+    "pack_samples",
+    "read_manifest",
+    "stage_ratios",
+    "tokenize_sample",
+    "truncate",
+    "write_synthetic_dataset",
     "DEFAULT_PREPROCESS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -41,7 +41,7 @@ from longvita.data.errors import InputError
 from longvita.data.image import DEFAULT_PREPROCESS, LONG_VITA, ImageTiles, check_preprocess, normalize
 from longvita.data.tokenizer import SpecialTokens
 
-__all__ = ["PackedPrompt", "Segment", "build_inputs", "tokens_per_tile"]
+__all__ = ["Conversation", "MediaSpan", "PackedPrompt", "Segment", "build_conversation", "build_inputs", "tokens_per_tile"]
 
 Segment = Union[str, ImageTiles, torch.Tensor]
 
@@ -72,6 +72,122 @@ class PackedPrompt:
     pixel_values: torch.Tensor | None
 
 
+class _Layout:
+    """Accumulates ids and tiles for ChatML text and media in one family's layout; the
+    one implementation of the layout, shared by ``build_inputs`` (a prompt) and
+    ``build_conversation`` (a training sample with labels)."""
+
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens, tokens_per_tile: int, preprocess: str):
+        check_preprocess(preprocess)
+        if tokens_per_tile < 1:
+            raise ValueError(f"tokens_per_tile must be >= 1, got {tokens_per_tile}")
+        self.tokenizer, self.special, self.n, self.preprocess = tokenizer, special, tokens_per_tile, preprocess
+        self.long_vita = preprocess == LONG_VITA
+        self.media_ids = special.media_token_ids
+        self.ids: list[int] = []
+        self.pixels: list[torch.Tensor] = []
+        self.spans: list[MediaSpan] = []
+        self.pending_text: list[str] = []  # adjacent text is tokenised as one run
+        self.n_tiles = 0
+
+    def text(self, s: str) -> None:
+        self.pending_text.append(s)
+
+    def flush_text(self) -> None:
+        if not self.pending_text:
+            return
+        run = self.tokenizer.encode("".join(self.pending_text), add_special_tokens=False).ids
+        bad = self.media_ids.intersection(run)
+        if bad:
+            names = sorted(self.tokenizer.id_to_token(t) for t in bad)
+            raise InputError(f"text segment contains media special token(s) {names}; pass media as ImageTiles/tensors")
+        self.ids.extend(run)
+        self.pending_text.clear()
+
+    def _block(self, start: int, context: int, end: int) -> list[int]:
+        return [start] + [context] * self.n + [end]
+
+    def _add_pixels(self, t: torch.Tensor, what: str) -> None:
+        if self.pixels and t.shape[1:] != self.pixels[0].shape[1:]:
+            raise InputError(f"{what} has tiles of shape {tuple(t.shape[1:])}, earlier media {tuple(self.pixels[0].shape[1:])}")
+        self.pixels.append(t)
+
+    def segment(self, k: int, seg: Segment) -> None:
+        """Append segment ``k`` (text, image tiles or video frames)."""
+        special, ids = self.special, self.ids
+        if isinstance(seg, str):
+            self.text(seg)
+            return
+        if isinstance(seg, ImageTiles):
+            if seg.preprocess != self.preprocess:
+                raise InputError(
+                    f"segment {k} (image) was tiled for preprocess={seg.preprocess!r} but the prompt is laid out "
+                    f"for {self.preprocess!r}; tile it with tile_image(..., preprocess={self.preprocess!r})"
+                )
+            self._add_pixels(seg.pixel_values, f"segment {k} (image)")
+            self.flush_text()
+            first = len(ids)
+            if not self.long_vita:  # every tile in one <img> block, thumbnail last
+                ids += [special.img_start] + [special.img_context] * (self.n * seg.num_tiles) + [special.img_end]
+            else:
+                ids += self._block(special.img_start, special.img_context, special.img_end)
+                if seg.has_thumbnail:
+                    rows, cols = seg.grid
+                    newline = self.tokenizer.encode("\n", add_special_tokens=False).ids
+                    patch = self._block(special.require("patch_start"), special.require("patch_context"),
+                                        special.require("patch_end"))
+                    for _ in range(rows):
+                        ids += newline
+                        for _ in range(cols):
+                            ids += patch
+            self._span(first, seg.num_tiles)
+        elif isinstance(seg, torch.Tensor):
+            if seg.dim() != 4 or seg.shape[1] != 3 or seg.shape[2] != seg.shape[3] or seg.shape[0] == 0:
+                raise InputError(f"segment {k} (video) must be a (frames>0, 3, S, S) tensor, got shape {tuple(seg.shape)}")
+            if not (seg.is_floating_point() or seg.dtype == torch.uint8):
+                raise InputError(f"segment {k} (video) must be normalised float or uint8 pixels, got {seg.dtype}")
+            self._add_pixels(seg, f"segment {k} (video)")
+            if not self.long_vita:  # "Frame{i}: " text before each frame's <img> block
+                img = self._block(special.img_start, special.img_context, special.img_end)
+                self.flush_text()
+                first = len(ids)
+                for i in range(seg.shape[0]):
+                    self.text(("\n" if i else "") + f"Frame{i + 1}: ")
+                    self.flush_text()
+                    ids += img
+            else:
+                self.flush_text()
+                first = len(ids)
+                frame = self._block(special.require("vid_start"), special.require("vid_context"), special.require("vid_end"))
+                ids += frame * seg.shape[0]
+            self._span(first, seg.shape[0])
+        else:
+            raise InputError(f"segment {k} must be str, ImageTiles or a video tensor, got {type(seg).__name__}")
+
+    def _span(self, first: int, n_tiles: int) -> None:
+        self.spans.append(MediaSpan(first, len(self.ids), self.n_tiles, self.n_tiles + n_tiles))
+        self.n_tiles += n_tiles
+
+    def pixel_values(self) -> torch.Tensor | None:
+        pixels = self.pixels
+        if len({p.dtype for p in pixels}) > 1:  # uint8 frames beside float tiles: one dtype for all
+            pixels = [normalize(p) if p.dtype == torch.uint8 else p for p in pixels]
+        return torch.cat(pixels) if pixels else None
+
+
+@dataclass(frozen=True)
+class MediaSpan:
+    """Where one medium sits: its tokens ``[start, end)`` (for ``internvl`` video, from the
+    first frame's ``<img>`` to the last ``</img>``, the ``Frame{i}:`` text between them
+    included) and its tiles ``[tile_start, tile_end)`` in ``pixel_values``. A sample may be
+    cut only outside these spans (cutting inside would leave tokens without tiles)."""
+
+    start: int
+    end: int
+    tile_start: int
+    tile_end: int
+
+
 def build_inputs(
     tokenizer: Tokenizer,
     special: SpecialTokens,
@@ -90,82 +206,90 @@ def build_inputs(
     Raises InputError for a malformed segment, for an ImageTiles made for another
     family (its thumbnail would sit at the wrong place), for text that contains a media
     token (it would desynchronise tokens and pixels), or for a token the tokenizer lacks."""
-    check_preprocess(preprocess)
-    long_vita = preprocess == LONG_VITA
-    if tokens_per_tile < 1:
-        raise ValueError(f"tokens_per_tile must be >= 1, got {tokens_per_tile}")
-    media_ids = special.media_token_ids
-    ids: list[int] = []
-    pixels: list[torch.Tensor] = []
-    pending_text: list[str] = []  # adjacent text is tokenised as one run
-
-    def flush_text() -> None:
-        if not pending_text:
-            return
-        run = tokenizer.encode("".join(pending_text), add_special_tokens=False).ids
-        bad = media_ids.intersection(run)
-        if bad:
-            names = sorted(tokenizer.id_to_token(t) for t in bad)
-            raise InputError(f"text segment contains media special token(s) {names}; pass media as ImageTiles/tensors")
-        ids.extend(run)
-        pending_text.clear()
-
-    def block(start: int, context: int, end: int) -> list[int]:
-        return [start] + [context] * tokens_per_tile + [end]
-
-    def add_pixels(t: torch.Tensor, what: str) -> None:
-        if pixels and t.shape[1:] != pixels[0].shape[1:]:
-            raise InputError(f"{what} has tiles of shape {tuple(t.shape[1:])}, earlier media {tuple(pixels[0].shape[1:])}")
-        pixels.append(t)
-
+    layout = _Layout(tokenizer, special, tokens_per_tile, preprocess)
     if system is not None:
-        pending_text.append(f"<|im_start|>system\n{system}<|im_end|>\n")
-    pending_text.append("<|im_start|>user\n")
+        layout.text(f"<|im_start|>system\n{system}<|im_end|>\n")
+    layout.text("<|im_start|>user\n")
     for k, seg in enumerate(segments):
-        if isinstance(seg, str):
-            pending_text.append(seg)
-        elif isinstance(seg, ImageTiles):
-            if seg.preprocess != preprocess:
-                raise InputError(
-                    f"segment {k} (image) was tiled for preprocess={seg.preprocess!r} but the prompt is laid out "
-                    f"for {preprocess!r}; tile it with tile_image(..., preprocess={preprocess!r})"
-                )
-            add_pixels(seg.pixel_values, f"segment {k} (image)")
-            flush_text()
-            if not long_vita:  # every tile in one <img> block, thumbnail last
-                ids += [special.img_start] + [special.img_context] * (tokens_per_tile * seg.num_tiles) + [special.img_end]
-                continue
-            ids += block(special.img_start, special.img_context, special.img_end)
-            if seg.has_thumbnail:
-                rows, cols = seg.grid
-                newline = tokenizer.encode("\n", add_special_tokens=False).ids
-                patch = block(special.require("patch_start"), special.require("patch_context"), special.require("patch_end"))
-                for _ in range(rows):
-                    ids += newline
-                    for _ in range(cols):
-                        ids += patch
-        elif isinstance(seg, torch.Tensor):
-            if seg.dim() != 4 or seg.shape[1] != 3 or seg.shape[2] != seg.shape[3] or seg.shape[0] == 0:
-                raise InputError(f"segment {k} (video) must be a (frames>0, 3, S, S) tensor, got shape {tuple(seg.shape)}")
-            if not (seg.is_floating_point() or seg.dtype == torch.uint8):
-                raise InputError(f"segment {k} (video) must be normalised float or uint8 pixels, got {seg.dtype}")
-            add_pixels(seg, f"segment {k} (video)")
-            if not long_vita:  # "Frame{i}: " text before each frame's <img> block
-                img = block(special.img_start, special.img_context, special.img_end)
-                for i in range(seg.shape[0]):
-                    pending_text.append(("\n" if i else "") + f"Frame{i + 1}: ")
-                    flush_text()
-                    ids += img
-                continue
-            flush_text()
-            frame = block(special.require("vid_start"), special.require("vid_context"), special.require("vid_end"))
-            ids += frame * seg.shape[0]
-        else:
-            raise InputError(f"segment {k} must be str, ImageTiles or a video tensor, got {type(seg).__name__}")
-    pending_text.append("<|im_end|>\n<|im_start|>assistant\n")
-    flush_text()
+        layout.segment(k, seg)
+    layout.text("<|im_end|>\n<|im_start|>assistant\n")
+    layout.flush_text()
+    return PackedPrompt(torch.tensor(layout.ids, dtype=torch.long), layout.pixel_values())
 
-    if len({p.dtype for p in pixels}) > 1:  # uint8 frames beside float tiles: one dtype for all
-        pixels = [normalize(p) if p.dtype == torch.uint8 else p for p in pixels]
-    pixel_values = torch.cat(pixels) if pixels else None
-    return PackedPrompt(torch.tensor(ids, dtype=torch.long), pixel_values)
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Conversation:
+    """A tokenised multi-turn conversation for training.
+
+    input_ids: int64 ``(L,)``, the whole conversation, every turn closed by ``<|im_end|>\\n``.
+    target_mask: bool ``(L,)``, True on the tokens the model is trained to produce: each
+        assistant turn's content and its ``<|im_end|>`` (not the role header, not the
+        newline after ``<|im_end|>``). Unshifted; ``shifted_labels`` turns it into labels.
+    pixel_values: as in PackedPrompt.
+    media: one MediaSpan per medium, in order.
+    """
+
+    input_ids: torch.Tensor
+    target_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    media: list[MediaSpan]
+
+    def shifted_labels(self, ignore_index: int = -100) -> torch.Tensor:
+        """Labels already shifted within the sample: row i holds ``input_ids[i+1]`` when
+        token i+1 is a target, else ``ignore_index``; the last row is always ignored, so
+        packing samples side by side never pairs one sample's last token with the next's first."""
+        labels = torch.full_like(self.input_ids, ignore_index)
+        if self.input_ids.numel() > 1:
+            labels[:-1] = torch.where(self.target_mask[1:], self.input_ids[1:], torch.full_like(self.input_ids[1:], ignore_index))
+        return labels
+
+
+def build_conversation(
+    tokenizer: Tokenizer,
+    special: SpecialTokens,
+    turns: Sequence[tuple[str, Sequence[Segment]]],
+    *,
+    tokens_per_tile: int,
+    preprocess: str = DEFAULT_PREPROCESS,
+) -> Conversation:
+    """Lay out a whole ChatML conversation ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
+    per turn, media laid out as ``build_inputs`` does, and mark the assistant targets.
+
+    turns: ``(role, segments)`` with role in system/user/assistant; assistant and system
+        turns hold text only. An assistant turn's content is tokenised as its own run
+        (the header before it and ``<|im_end|>`` after it are special-token boundaries
+        anyway), so the target mask falls on token boundaries exactly.
+    Raises InputError for an unknown role, media outside a user turn, or anything
+    ``build_inputs`` rejects."""
+    layout = _Layout(tokenizer, special, tokens_per_tile, preprocess)
+    mask: list[bool] = []
+
+    def mark(target: bool) -> None:
+        layout.flush_text()
+        mask.extend([target] * (len(layout.ids) - len(mask)))
+
+    k = 0
+    for t, (role, segments) in enumerate(turns):
+        if role not in ROLES:
+            raise InputError(f"turn {t} has role {role!r}; expected one of {list(ROLES)}")
+        if role != "user" and any(not isinstance(s, str) for s in segments):
+            raise InputError(f"turn {t} ({role}) contains media; only user turns may")
+        layout.text(f"<|im_start|>{role}\n")
+        if role == "assistant":
+            mark(False)
+            layout.text("".join(segments))
+            layout.flush_text()
+            layout.ids.append(special.im_end)  # direct id: the content run ends here
+            mark(True)
+            layout.text("\n")
+        else:
+            for seg in segments:
+                layout.segment(k, seg)
+                k += 1
+            layout.text("<|im_end|>\n")
+    mark(False)
+    return Conversation(torch.tensor(layout.ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool),
+                        layout.pixel_values(), layout.spans)

@@ -1,0 +1,486 @@
+"""Training data: JSONL manifests, tokenised samples with shifted labels, fixed-length
+packs, and per-stage source mixtures with a resumable position.
+
+Manifest (one JSON object per line; blank lines and lines starting with ``#`` are skipped)::
+
+    {"source": "shapes", "images": ["img/0.png"], "videos": [],
+     "messages": [{"role": "system", "content": "..."},
+                  {"role": "user", "content": "<image>\\nWhat colour is the square?"},
+                  {"role": "assistant", "content": "red"}]}
+
+- ``messages``: ChatML turns (system/user/assistant, any number, at least one assistant).
+- media: user content refers to them with the placeholders ``<image>`` / ``<video>``,
+  which consume ``images`` / ``videos`` in order (each list is used up exactly). A sample
+  with media lists but no placeholder at all gets its images, then its videos, at the
+  start of the first user turn (one per line, as LLaVA-style data expects).
+  Relative paths are relative to the manifest's folder.
+- ``source``: the data source the sample belongs to (mixtures weigh by it); defaults to
+  the manifest's file stem.
+
+Labels are shifted inside each sample (row i holds the token row i must predict, or
+-100), so packs need no further shift and no pair crosses a sample boundary; the loss is
+``cross_entropy(logits, labels, ignore_index=-100)`` row by row.
+
+Packing is sequential: samples are laid into the current pack in stream order until the
+next one does not fit; the pack is then padded to ``seq_len`` and the sample that did not
+fit opens the next pack. (Sequential rather than first-fit so that the data position is
+one index: a resumed run rebuilds the exact same packs.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+from longvita.data.errors import InputError
+from longvita.data.image import DEFAULT_PREPROCESS, check_preprocess, load_image, normalize, tile_image
+from longvita.data.template import MediaSpan, build_conversation
+from longvita.data.tokenizer import SpecialTokens
+from longvita.data.video import read_video
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataWarning",
+    "MediaConfig",
+    "Mixture",
+    "Pack",
+    "PackStream",
+    "Sample",
+    "TokenizedSample",
+    "pack_samples",
+    "read_manifest",
+    "stage_ratios",
+    "tokenize_sample",
+    "truncate",
+]
+
+IGNORE_INDEX = -100
+_PLACEHOLDER = re.compile(r"<image>|<video>")
+
+
+class DataWarning(UserWarning):
+    """A training sample was truncated or skipped (the message names it and why)."""
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class Sample:
+    """One manifest line: ``messages`` as given, media paths resolved, and where it came from."""
+
+    messages: list[dict]
+    images: list[Path] = field(default_factory=list)
+    videos: list[Path] = field(default_factory=list)
+    source: str = "default"
+    name: str = ""  # "file:line", used in warnings
+
+
+def _bad(path: Path, line: int, what: str) -> InputError:
+    return InputError(f"manifest {str(path)!r} line {line}: {what}")
+
+
+def _check_messages(messages, n_images: int, n_videos: int, path: Path, line: int) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise _bad(path, line, "'messages' must be a non-empty list of {role, content} objects")
+    seen = {"<image>": 0, "<video>": 0}
+    for t, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _bad(path, line, f"message {t} must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise _bad(path, line, f"message {t} has role {m['role']!r}; expected system, user or assistant")
+        found = _PLACEHOLDER.findall(m["content"])
+        if found and m["role"] != "user":
+            raise _bad(path, line, f"message {t} ({m['role']}) contains a media placeholder; only user turns may")
+        for p in found:
+            seen[p] += 1
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _bad(path, line, "no assistant message (nothing to train on)")
+    if (n_images or n_videos) and not any(m["role"] == "user" for m in messages):
+        raise _bad(path, line, "media are listed but there is no user message to put them in")
+    if seen["<image>"] + seen["<video>"]:  # placeholders given: they must use the lists up exactly
+        if seen["<image>"] != n_images or seen["<video>"] != n_videos:
+            raise _bad(path, line, f"{seen['<image>']} <image> / {seen['<video>']} <video> placeholders but "
+                                   f"{n_images} images / {n_videos} videos listed")
+
+
+def read_manifest(path: str | Path, *, source: str | None = None) -> list[Sample]:
+    """Read a JSONL manifest (see the module docstring) into Samples.
+
+    source: overrides every line's ``source``. Raises InputError naming the file and the
+    line for a line that is not JSON or not a valid sample; media files are not opened
+    here (a missing one skips its sample at packing time, with a warning)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"manifest {str(path)!r} does not exist or is not a file")
+    root = path.parent
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, text in enumerate(f, 1):
+            text = text.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise _bad(path, line_no, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise _bad(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+            media = {}
+            for key in ("images", "videos"):
+                value = obj.get(key, [])
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise _bad(path, line_no, f"'{key}' must be a list of paths")
+                media[key] = [p if Path(p).is_absolute() else root / p for p in map(Path, value)]
+            _check_messages(obj.get("messages"), len(media["images"]), len(media["videos"]), path, line_no)
+            src = source if source is not None else obj.get("source", path.stem)
+            if not isinstance(src, str):
+                raise _bad(path, line_no, "'source' must be a string")
+            samples.append(Sample(obj["messages"], media["images"], media["videos"], src, f"{path}:{line_no}"))
+    return samples
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """How a sample's media become tiles and tokens (the model's vision settings).
+
+    tokens_per_tile / image_size: the model's (``tiny`` preset: 4 / 56; Long-VITA: 256 / 448).
+    min_num / max_num: image grid tiles; max_frames / max_fps: video frame sampling."""
+
+    tokens_per_tile: int = 256
+    image_size: int = 448
+    min_num: int = 1
+    max_num: int = 12
+    max_frames: int = 4096
+    max_fps: float = 1.0
+    preprocess: str = DEFAULT_PREPROCESS
+
+    def __post_init__(self):
+        check_preprocess(self.preprocess, "MediaConfig.preprocess")
+
+
+@dataclass
+class TokenizedSample:
+    """One sample ready to pack.
+
+    input_ids / labels: int64 ``(L,)``; labels shifted within the sample (see module docstring).
+    pixel_values: ``(T, 3, S, S)`` tiles in order, uint8 (video frames) or float, or None.
+    media: token/tile span of each medium."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None
+    media: list[MediaSpan]
+    source: str = "default"
+    name: str = ""
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
+def _turns(sample: Sample, images: list, videos: list) -> list[tuple[str, list]]:
+    media = {"<image>": iter(images), "<video>": iter(videos)}
+    uses_placeholders = any(_PLACEHOLDER.search(m["content"]) for m in sample.messages)
+    turns, prepend = [], not uses_placeholders and (images or videos)
+    for m in sample.messages:
+        segments: list = []
+        if m["role"] == "user":
+            if prepend:
+                for x in list(images) + list(videos):
+                    segments += [x, "\n"]
+                prepend = False
+            pos = 0
+            for match in _PLACEHOLDER.finditer(m["content"]):
+                segments += [m["content"][pos:match.start()], next(media[match.group()])]
+                pos = match.end()
+            segments.append(m["content"][pos:])
+        else:
+            segments.append(m["content"])
+        turns.append((m["role"], [s for s in segments if not (isinstance(s, str) and not s)]))
+    return turns
+
+
+def tokenize_sample(sample: Sample, tokenizer: Tokenizer, special: SpecialTokens, media: MediaConfig) -> TokenizedSample:
+    """Load the sample's media and lay out the whole conversation with shifted labels.
+
+    Images become float tiles (``tile_image``), videos uint8 frames (``read_video(raw=True)``);
+    a sample holding both gets float for all. Raises InputError naming the file for a
+    missing or corrupt medium (``PackStream`` turns that into a skip)."""
+    images = [tile_image(load_image(p, image_size=media.image_size, min_num=media.min_num, max_num=media.max_num),
+                         image_size=media.image_size, min_num=media.min_num, max_num=media.max_num,
+                         preprocess=media.preprocess) for p in sample.images]
+    videos = [read_video(p, max_frames=media.max_frames, max_fps=media.max_fps, image_size=media.image_size,
+                         preprocess=media.preprocess, raw=True).pixel_values for p in sample.videos]
+    conv = build_conversation(tokenizer, special, _turns(sample, images, videos),
+                              tokens_per_tile=media.tokens_per_tile, preprocess=media.preprocess)
+    return TokenizedSample(conv.input_ids, conv.shifted_labels(IGNORE_INDEX), conv.pixel_values, conv.media,
+                           sample.source, sample.name)
+
+
+def truncate(sample: TokenizedSample, limit: int) -> TokenizedSample:
+    """Cut ``sample`` to at most ``limit`` tokens with a DataWarning naming it. A medium
+    whose token span would be cut is dropped with everything after it (the cut moves to
+    its start), so tokens and tiles stay in step; the new last row's label is ignored."""
+    n = len(sample)
+    if n <= limit:
+        return sample
+    cut, tiles = limit, 0
+    for span in sample.media:
+        if span.end <= cut:
+            tiles = span.tile_end
+        else:
+            cut = min(cut, span.start)
+            break
+    dropped = sum(1 for s in sample.media if s.end > cut)
+    warnings.warn(f"sample {sample.name or sample.source!r} has {n} tokens, more than the pack's {limit}: truncated "
+                  f"to {cut} tokens" + (f" ({dropped} medium/media cut off)" if dropped else ""), DataWarning, stacklevel=3)
+    labels = sample.labels[:cut].clone()
+    if cut:
+        labels[-1] = IGNORE_INDEX  # it pointed at a token that is gone
+    pv = sample.pixel_values[:tiles] if sample.pixel_values is not None and tiles else None
+    return TokenizedSample(sample.input_ids[:cut], labels, pv, [s for s in sample.media if s.end <= cut],
+                           sample.source, sample.name)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Pack:
+    """One fixed-length training sequence.
+
+    input_ids / labels: int64 ``(n,)`` with n = seq_len; padding has ``pad_id`` and
+        label -100. Labels are already shifted (no shift in the loss).
+    position_ids: int64 ``(n,)``: restarting at 0 per sample when ``reset``, else 0..n-1.
+    cu_seqlens: int32 document boundaries for varlen attention: per sample (the padding
+        a document of its own) when ``reset``, else ``[0, n]``.
+    max_seqlen: longest document (int, so attention needs no host sync).
+    pixel_values: ``(T, 3, S, S)`` tiles in the order of the pack's context tokens (uint8
+        when every tile is uint8, else float), or None.
+    num_valid: labels that are not -100 (the cross-entropy denominator).
+    sources: source of each sample, in order; names: their "file:line" names.
+    skipped_media: "file: reason" for each sample skipped while building this pack.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    pixel_values: torch.Tensor | None
+    num_valid: int
+    sources: list[str]
+    names: list[str] = field(default_factory=list)
+    skipped_media: list[str] = field(default_factory=list)
+
+
+def pack_samples(samples: Sequence[TokenizedSample], seq_len: int, *, reset: bool = True, pad_id: int = 0,
+                 skipped_media: Sequence[str] = ()) -> Pack:
+    """Lay ``samples`` (already at most ``seq_len`` tokens together) side by side and pad to ``seq_len``."""
+    total = sum(len(s) for s in samples)
+    if total > seq_len:
+        raise ValueError(f"samples hold {total} tokens, more than seq_len={seq_len}")
+    pad = seq_len - total
+    ids = [s.input_ids for s in samples] + [torch.full((pad,), pad_id, dtype=torch.long)]
+    labels = [s.labels for s in samples] + [torch.full((pad,), IGNORE_INDEX, dtype=torch.long)]
+    lengths = [len(s) for s in samples if len(s)] + ([pad] if pad else [])
+    if reset:
+        position_ids = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        cu = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    else:
+        position_ids = torch.arange(seq_len, dtype=torch.long)
+        lengths = [seq_len]
+        cu = torch.tensor([0, seq_len], dtype=torch.int32)
+    tiles = [s.pixel_values for s in samples if s.pixel_values is not None and s.pixel_values.shape[0]]
+    if len({t.dtype for t in tiles}) > 1:
+        tiles = [normalize(t) if t.dtype == torch.uint8 else t for t in tiles]
+    label_t = torch.cat(labels)
+    return Pack(
+        input_ids=torch.cat(ids), labels=label_t, position_ids=position_ids, cu_seqlens=cu,
+        max_seqlen=max(lengths, default=0), pixel_values=torch.cat(tiles) if tiles else None,
+        num_valid=int((label_t != IGNORE_INDEX).sum()), sources=[s.source for s in samples],
+        names=[s.name for s in samples], skipped_media=list(skipped_media),
+    )
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def stage_ratios(new: Sequence[str], previous: Sequence[str] = (), keep: float = 0.1) -> dict[str, float]:
+    """Ratios for a stage that trains on ``new`` sources in full and replays ``keep`` of
+    the previous stage's (Long-VITA's stage 3 keeps 0.1 of stage 2's data)."""
+    ratios = {s: keep for s in previous}
+    ratios.update({s: 1.0 for s in new})
+    return ratios
+
+
+class Mixture:
+    """A deterministic, endless stream of samples drawn from named sources.
+
+    sources: name -> samples. ratios: name -> share of that source used per epoch (1.0 =
+    every sample once, 0.1 = a tenth, 2.5 = every sample twice plus half again; absent =
+    1.0; 0 = unused). Epoch e takes ``round(ratio * len)`` samples of each source from
+    its own seeded permutations and shuffles them together, all from ``(seed, e)``, so
+    the order depends only on the seed. ``state_dict()`` is the position (epoch, index);
+    ``load_state_dict`` continues from it exactly."""
+
+    def __init__(self, sources: Mapping[str, Sequence[Sample]], ratios: Mapping[str, float] | None = None, *,
+                 seed: int = 0, shuffle: bool = True):
+        ratios = dict(ratios or {})
+        unknown = set(ratios) - set(sources)
+        if unknown:
+            raise ValueError(f"ratios name unknown source(s) {sorted(unknown)}; sources are {sorted(sources)}")
+        for name, r in ratios.items():
+            if not (r >= 0 and math.isfinite(r)):
+                raise ValueError(f"ratio of source {name!r} must be a finite number >= 0, got {r}")
+        self.sources = {k: list(v) for k, v in sources.items()}
+        self.ratios = {k: float(ratios.get(k, 1.0)) for k in self.sources}
+        if not any(round(self.ratios[k] * len(v)) for k, v in self.sources.items()):
+            raise ValueError("the mixture selects no samples (every source is empty or has ratio 0)")
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index = 0, 0
+        self._order: list[tuple[str, int]] | None = None
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[Sample], ratios: Mapping[str, float] | None = None, **kwargs) -> "Mixture":
+        """Group ``samples`` by their ``source`` (e.g. one manifest holding several sources)."""
+        sources: dict[str, list[Sample]] = {}
+        for s in samples:
+            sources.setdefault(s.source, []).append(s)
+        return cls(sources, ratios, **kwargs)
+
+    @classmethod
+    def from_manifests(cls, manifests: Mapping[str, str | Path | Sequence[str | Path]],
+                       ratios: Mapping[str, float] | None = None, **kwargs) -> "Mixture":
+        """One source per name, read from one manifest or several (every sample's
+        ``source`` set to that name)."""
+        sources = {}
+        for name, paths in manifests.items():
+            paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+            sources[name] = [s for p in paths for s in read_manifest(p, source=name)]
+        return cls(sources, ratios, **kwargs)
+
+    def epoch_order(self, epoch: int) -> list[tuple[str, int]]:
+        """(source, sample index) pairs of epoch ``epoch``, in order."""
+        order = []
+        for name in sorted(self.sources):
+            n, count = len(self.sources[name]), round(self.ratios[name] * len(self.sources[name]))
+            picks: list[int] = []
+            rounds = 0
+            while len(picks) < count:
+                perm = list(range(n))
+                if self.shuffle:
+                    random.Random(f"{self.seed}:{epoch}:{name}:{rounds}").shuffle(perm)
+                picks += perm
+                rounds += 1
+            order += [(name, i) for i in picks[:count]]
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def _current(self) -> list[tuple[str, int]]:
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        return self._order
+
+    def next(self) -> Sample:
+        """The sample at the current position; advances the position."""
+        order = self._current()
+        name, i = order[self.index]
+        self.index += 1
+        if self.index == len(order):
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        return self.sources[name][i]
+
+    def __iter__(self) -> Iterator[Sample]:
+        while True:
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"data state was saved with seed {state['seed']}, this mixture has seed {self.seed}")
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+
+
+class PackStream:
+    """Endless fixed-length packs from a Mixture (sequential packing, see module docstring).
+
+    Each sample is tokenised when drawn; one whose media are missing or corrupt is skipped
+    with a DataWarning naming the file and listed in the next pack's ``skipped_media``;
+    one longer than ``seq_len`` is truncated (``truncate``). ``state_dict()`` is the
+    mixture position of the first sample not yet in a returned pack, so a run restored
+    from it yields exactly the packs it would have yielded."""
+
+    def __init__(self, mixture: Mixture, tokenizer: Tokenizer, seq_len: int, media: MediaConfig, *,
+                 reset: bool = True, special: SpecialTokens | None = None, pad_id: int | None = None,
+                 max_skips: int = 1000):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.mixture, self.tokenizer, self.seq_len, self.media, self.reset = mixture, tokenizer, seq_len, media, reset
+        self.special = special or SpecialTokens.from_tokenizer(tokenizer)
+        self.pad_id = pad_id if pad_id is not None else (self.special.endoftext if self.special.endoftext is not None
+                                                         else self.special.im_end)
+        self.max_skips = max_skips
+        self._pending: tuple[dict, TokenizedSample] | None = None  # drawn but not yet packed
+
+    def _draw(self, skipped: list[str]) -> tuple[dict, TokenizedSample]:
+        for _ in range(self.max_skips + 1):
+            state = self.mixture.state_dict()
+            sample = self.mixture.next()
+            try:
+                tok = tokenize_sample(sample, self.tokenizer, self.special, self.media)
+            except InputError as exc:
+                warnings.warn(f"skipping sample {sample.name!r}: {exc}", DataWarning, stacklevel=3)
+                skipped.append(f"{sample.name}: {exc}")
+                continue
+            tok = truncate(tok, self.seq_len)
+            if not int((tok.labels != IGNORE_INDEX).sum()):
+                warnings.warn(f"skipping sample {sample.name!r}: no assistant token left to train on", DataWarning, stacklevel=3)
+                continue
+            return state, tok
+        raise InputError(f"{self.max_skips} samples in a row could not be used (last skipped: {skipped[-1:]})")
+
+    def next_pack(self) -> Pack:
+        skipped: list[str] = []
+        samples: list[TokenizedSample] = []
+        used = 0
+        while True:
+            if self._pending is None:
+                self._pending = self._draw(skipped)
+            tok = self._pending[1]
+            if samples and used + len(tok) > self.seq_len:
+                break
+            samples.append(tok)
+            used += len(tok)
+            self._pending = None
+            if used == self.seq_len:
+                break
+        return pack_samples(samples, self.seq_len, reset=self.reset, pad_id=self.pad_id, skipped_media=skipped)
+
+    def __iter__(self) -> Iterator[Pack]:
+        while True:
+            yield self.next_pack()
+
+    def state_dict(self) -> dict:
+        return dict(self._pending[0]) if self._pending is not None else self.mixture.state_dict()
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.mixture.load_state_dict(state)
+        self._pending = None
