@@ -184,16 +184,12 @@ class ContextParallelGenerator:
         (may stay on the CPU: each rank moves only the tiles it encodes).
         ``prefill_progress(fraction)`` is called after every layer of the prefill."""
         model, rank, world = self.model, self.rank, self.world
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if input_ids.dim() != 1 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty 1-D prompt, got shape {tuple(input_ids.shape)}")
+        model.check_generation(input_ids, max_new_tokens)
         total = input_ids.shape[0]
         if total < 2 * world:
             raise ValueError(
                 f"the prompt has {total} tokens: context parallelism over {world} ranks needs at least {2 * world}"
             )
-        model.check_length(total + max_new_tokens)
         if max_new_tokens == 0:
             return  # nothing to generate: no prefill either
         device = model.lm_head.weight.device

@@ -196,10 +196,15 @@ class LongVITA(nn.Module):
         it predicts, -100 where ignored."""
         return self(input_ids, pixel_values, labels=labels, **kwargs)
 
-    def check_length(self, tokens: int) -> None:
-        """Raise ValueError when one sequence of ``tokens`` positions would pass the
-        model's ``max_position_embeddings`` (checked before any work is done)."""
-        limit = self.config.text.max_position_embeddings
+    def check_generation(self, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+        """Raise ValueError, before any work, for a prompt that is not a non-empty 1-D
+        tensor, a negative ``max_new_tokens``, or a sequence that would pass the model's
+        ``max_position_embeddings`` (every generation path checks this)."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if input_ids.dim() != 1 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty 1-D prompt, got shape {tuple(input_ids.shape)}")
+        tokens, limit = input_ids.shape[0] + max_new_tokens, self.config.text.max_position_embeddings
         if tokens > limit:
             raise ValueError(
                 f"the sequence needs {tokens} positions but the model's max_position_embeddings is {limit}"
@@ -280,14 +285,10 @@ class LongVITA(nn.Module):
         included), so activation memory is bounded by N, not by the prompt;
         ``prefill_progress(fraction)`` is then called after every chunk (a progress bar).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if input_ids.dim() != 1 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty 1-D prompt, got shape {tuple(input_ids.shape)}")
+        self.check_generation(input_ids, max_new_tokens)
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         sample = Sampling(temperature, top_k, top_p)
-        self.check_length(input_ids.shape[0] + max_new_tokens)
         if max_new_tokens == 0:
             return  # nothing to generate: no prefill either
         total, device = input_ids.shape[0], input_ids.device
