@@ -51,14 +51,17 @@ def _prompts(seed: int, cfg):
 
 
 def _reference(model, ids, pixels, steps):
-    """Greedy tokens and every step's logits, recomputing the whole sequence each step."""
-    seq, tokens, logits = ids.tolist(), [], []
+    """Greedy tokens and every step's logits, recomputing the whole sequence each step.
+    Generated tokens are text (embedded as such even when a random model picks the
+    placeholder id), so the sequence grows by their token embeddings."""
+    tokens, logits = [], []
     with torch.no_grad():
+        embeds = model.embed(ids, pixels)
         for _ in range(steps):
-            row = model(torch.tensor(seq), pixels)[-1]
+            row = model(inputs_embeds=embeds)[-1]
             tokens.append(int(row.argmax()))
             logits.append(row)
-            seq.append(tokens[-1])
+            embeds = torch.cat([embeds, model.text.embed_tokens(torch.tensor([tokens[-1]]))])
     return tokens, logits
 
 
