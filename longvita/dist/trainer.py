@@ -202,7 +202,8 @@ class Trainer:
             raise TrainingDiverged(
                 f"step {self.step + 1}: the loss is {value}; stopped before the optimizer step "
                 f"(last good checkpoint: {last if last else 'none'})")
-        (sum_gradients_loss(loss, self.mesh) if self.sharded else loss).backward()
+        if loss.requires_grad:  # not when only the projector trains and the pack has no media
+            (sum_gradients_loss(loss, self.mesh) if self.sharded else loss).backward()
         if not self.sharded and self.world > 1:
             all_reduce_gradients(self.model, self.cp_group)
         grad_norm = None
