@@ -229,17 +229,37 @@ def test_train_then_generate(straight, capsys):
     assert len(result["tokens"]) == 3
 
 
+def _torchrun(ranks: int, *args) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           "-m", "longvita", "train", *FAST, "--json", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+
+
 def test_two_cp_ranks_equal_one(straight, tmp_path):
     """torchrun with 2 gloo ranks and --cp 2: the same step losses as one process."""
     _, ref = straight
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "longvita", "train", *FAST, "--steps", "4", "--cp", "2", "--json", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    lines = _torchrun(2, "--steps", "4", "--cp", "2", "--out", str(tmp_path))
     assert [x["step"] for x in lines] == [1, 2, 3, 4]  # printed once (rank 0)
     for got, want in zip(lines, ref):
         assert abs(got["loss"] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got, want)
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_fsdp_checkpoint_resumes_exactly(tmp_path):
+    """2 ranks with --cp 1 (FSDP2, sharded checkpoints through torch.distributed.checkpoint):
+    resuming from step 2 repeats steps 3-4 and the final weights bit for bit."""
+    args = ["--steps", "4", "--cp", "1", "--checkpoint-every", "2", "--out", str(tmp_path)]
+    ref = _torchrun(2, *args)
+    assert (tmp_path / "checkpoints" / "step-0000004" / "dcp").is_dir()
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000004")
+    (tmp_path / "final").rename(tmp_path / "final-straight")
+    again = _torchrun(2, *args, "--resume")
+    assert [x["loss"] for x in again] == [x["loss"] for x in ref[2:]]
+    want, got = _weights(tmp_path / "final-straight"), _weights(tmp_path / "final")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
