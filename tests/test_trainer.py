@@ -263,3 +263,11 @@ def test_fsdp_checkpoint_resumes_exactly(tmp_path):
     assert [x["loss"] for x in again] == [x["loss"] for x in ref[2:]]
     want, got = _weights(tmp_path / "final-straight"), _weights(tmp_path / "final")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_resume_with_other_steps_is_refused(straight, capsys):
+    out, _ = straight
+    capsys.readouterr()
+    assert main(["train", *FAST, "--out", str(out), "--steps", "6", "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "started with 4 steps, not 6" in err[0], err

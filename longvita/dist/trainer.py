@@ -321,6 +321,9 @@ class Trainer:
             meta = torch.load(path / "state.pt", weights_only=False, map_location="cpu")
             self.model.load_state_dict(meta["model"])
             self.optimizer.load_state_dict(meta["optimizer"])
+        if (meta["world"], meta["cp"]) != (self.world, self.cp):
+            raise ValueError(f"{path}: written by {meta['world']} ranks with cp {meta['cp']}; resume with the same "
+                             f"(here: {self.world} ranks, cp {self.cp})")
         if meta["steps"] != self.steps:
             # the schedule is a function of the total: a different total would change it
             raise ValueError(f"{path}: the run was started with {meta['steps']} steps, not {self.steps} "
