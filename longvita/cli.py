@@ -295,15 +295,39 @@ def _maybe_init_distributed(torch, device: str):
 TINY_SEQ_LEN = 256  # the tiny default model: a step takes about a second on a CPU
 
 
-def _train_recipe(args):
+# the train command's own flags a --config file may set too (a flag given on the command line wins)
+_TRAIN_CONFIG_FLAGS = ("stage", "recipe", "model", "data", "steps", "seed", "cp", "checkpoint_every", "keep")
+
+
+def _train_config(args) -> dict:
+    """--config's recipe keys; its train-flag keys are applied to ``args`` where the flag
+    was left at its default."""
+    from longvita.dist.recipe import load_config
+
+    if not args.config:
+        return {}
+    config = load_config(args.config)
+    defaults = vars(build_parser().parse_args(["train"]))
+    for key in _TRAIN_CONFIG_FLAGS:
+        if key in config:
+            value = config.pop(key)
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    return config
+
+
+def _train_recipe(args, config: dict):
     """The stage preset with --config, then --set, then --seq-len applied (later wins)."""
-    from longvita.dist.recipe import apply_overrides, load_config, recipe
+    from longvita.dist.recipe import apply_overrides, recipe
 
     r = recipe(args.stage, args.recipe)
     if args.model is None:
         r = apply_overrides(r, {"seq_len": TINY_SEQ_LEN})
-    if args.config:
-        r = apply_overrides(r, load_config(args.config))
+    if config:
+        try:
+            r = apply_overrides(r, config)
+        except ValueError as exc:
+            raise CLIError(f"--config {args.config}: {exc}") from None
     if args.set:
         try:
             r = apply_overrides(r, args.set)
@@ -317,6 +341,16 @@ def _train_recipe(args):
 def check_train_args(args):
     """Every check that needs no model, before anything is loaded: errors name the flag.
     Returns the recipe (preset + overrides)."""
+    if args.config is not None and not os.path.isfile(args.config):
+        raise CLIError(f"--config {args.config}: file does not exist")
+    config = _train_config(args)
+    for key, kind in (("stage", int), ("steps", int), ("seed", int), ("checkpoint_every", int), ("keep", int)):
+        if not isinstance(getattr(args, key), kind) or isinstance(getattr(args, key), bool):
+            raise CLIError(f"--config {args.config}: {key} must be an integer, got {getattr(args, key)!r}")
+    if args.cp is not None and (not isinstance(args.cp, int) or isinstance(args.cp, bool)):
+        raise CLIError(f"--config {args.config}: cp must be an integer, got {args.cp!r}")
+    if args.stage not in (1, 2, 3, 4):
+        raise CLIError(f"--stage must be 1, 2, 3 or 4, got {args.stage}")
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if args.seq_len is not None and args.seq_len < 2:
@@ -336,8 +370,6 @@ def check_train_args(args):
             raise CLIError(f"--model {args.model}: no config.json in the folder")
     if args.data is not None and not os.path.isfile(args.data):
         raise CLIError(f"--data {args.data}: manifest file does not exist")
-    if args.config is not None and not os.path.isfile(args.config):
-        raise CLIError(f"--config {args.config}: file does not exist")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise CLIError(f"--device must be cpu or cuda, got {args.device!r}")
     from longvita.dist.trainer import latest_checkpoint
@@ -347,7 +379,7 @@ def check_train_args(args):
         raise CLIError(f"--resume: no complete checkpoint under {os.path.join(args.out, 'checkpoints')}")
     if not args.resume and ckpt is not None:
         raise CLIError(f"--out {args.out} already holds checkpoints; pass --resume to continue, or another --out")
-    return _train_recipe(args)
+    return _train_recipe(args, config)
 
 
 def cmd_train(args) -> int:
@@ -474,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranks per context-parallel group; the rest of the world is data parallel (FSDP2) (unset: all)")
     t.add_argument("--out", default="longvita-train", metavar="DIR", help="run folder: checkpoints/, final/")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    t.add_argument("--config", metavar="FILE", help="recipe overrides: a JSON (or YAML) mapping of key: value")
+    t.add_argument("--config", metavar="FILE",
+                   help="a JSON (or YAML) mapping: recipe keys, and stage/recipe/model/data/steps/seed/cp/"
+                        "checkpoint_every/keep where the flag is not given")
     t.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="recipe overrides, e.g. lr_llm=1e-4 warmup_steps=0")
     t.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="steps between checkpoints; 0: at the end only")
     t.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints kept")

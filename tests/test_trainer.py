@@ -271,3 +271,21 @@ def test_resume_with_other_steps_is_refused(straight, capsys):
     assert main(["train", *FAST, "--out", str(out), "--steps", "6", "--resume"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "started with 4 steps, not 6" in err[0], err
+
+
+def test_config_file_sets_recipe_and_flags(tmp_path, capsys):
+    """--config holds recipe keys and train flags; a flag on the command line wins."""
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps({"steps": 2, "seed": 5, "lr_llm": 2e-3, "warmup_steps": 0, "keep": 1}))
+    capsys.readouterr()
+    rc = main(["train", "--stage", "2", "--seq-len", SEQ, "--json", "--out", str(tmp_path / "a"),
+               "--config", str(cfg), "--seed", "0"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    lines = [json.loads(x) for x in out.out.splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and lines[0]["lr"] == 2e-3
+    assert len(list((tmp_path / "a" / "checkpoints").iterdir())) == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lr_llm": "fast"}))
+    rc, _, err = _train(capsys, tmp_path / "b", "--config", str(bad))
+    assert rc == 1 and err.strip().count("\n") == 0 and "--config" in err and "lr_llm" in err
