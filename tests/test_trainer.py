@@ -6,6 +6,7 @@ equal to 1."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -289,3 +290,25 @@ def test_config_file_sets_recipe_and_flags(tmp_path, capsys):
     bad.write_text(json.dumps({"lr_llm": "fast"}))
     rc, _, err = _train(capsys, tmp_path / "b", "--config", str(bad))
     assert rc == 1 and err.strip().count("\n") == 0 and "--config" in err and "lr_llm" in err
+
+
+def test_fsdp_step_with_and_without_media(tmp_path):
+    """FSDP2 over 2 data-parallel ranks where one rank's pack has images and the other's
+    none: the media-less rank encodes a dummy tile in a label-less document, so both take
+    part in the vision blocks' collectives (without it the run aborts)."""
+    from longvita.data.synthetic import write_synthetic_dataset
+    from longvita.pipeline import load_pipeline
+
+    manifest = write_synthetic_dataset(tmp_path / "data", 6, 2, image_size=56, videos=False)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    text = {"role": "user", "content": "count " + " ".join(str(j) for j in range(40))}
+    rows += [{"source": "text", "messages": [text, {"role": "assistant", "content": "done " * 20}]}] * 6
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipe = load_pipeline(None)
+    stream = trainer_mod.make_stream(mixed, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=int(SEQ),
+                                     reset=True)
+    has_media = [stream.next_pack().pixel_values is not None for _ in range(8)]
+    assert any(a != b for a, b in zip(has_media[::2], has_media[1::2])), has_media  # a mixed step happens
+    lines = _torchrun(2, "--steps", "4", "--cp", "1", "--data", str(mixed), "--out", str(tmp_path / "run"))
+    assert [x["step"] for x in lines] == [1, 2, 3, 4] and all(math.isfinite(x["loss"]) for x in lines)

@@ -182,9 +182,30 @@ class Trainer:
         packs = [self.stream.next_pack() for _ in range(self.dp)]
         return packs[self.dp_index], packs
 
+    def _dummy_tile(self, pack):
+        """``pack`` plus one more document: one black tile's context tokens, no labels. Its
+        loss and gradients are those of ``pack`` exactly (a separate document without
+        labels), but the vision tower runs, so every rank of a sharded model takes part in
+        the vision blocks' collectives when another data-parallel group's pack has media."""
+        import dataclasses
+
+        tpt, size = self.config.tokens_per_tile, self.config.vision.image_size
+        slot = self.config.image_token_ids[0]
+        n = int(pack.input_ids.numel())
+        return dataclasses.replace(
+            pack,
+            input_ids=torch.cat([pack.input_ids, torch.full((tpt,), slot, dtype=pack.input_ids.dtype)]),
+            labels=torch.cat([pack.labels, torch.full((tpt,), -100, dtype=pack.labels.dtype)]),
+            position_ids=torch.cat([pack.position_ids, torch.arange(tpt, dtype=pack.position_ids.dtype)]),
+            cu_seqlens=torch.cat([pack.cu_seqlens, torch.tensor([n + tpt], dtype=pack.cu_seqlens.dtype)]),
+            pixel_values=torch.zeros(1, 3, size, size, dtype=torch.uint8),
+        )
+
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         pack, packs = self._next_packs()
+        if self.sharded and pack.pixel_values is None and any(p.pixel_values is not None for p in packs):
+            pack = self._dummy_tile(pack)
         device = next(self.model.parameters()).device
         pixels = pack.pixel_values
         loss = packed_loss(
