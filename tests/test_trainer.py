@@ -303,7 +303,7 @@ def test_fsdp_step_with_and_without_media(tmp_path):
     rows = [json.loads(x) for x in manifest.read_text().splitlines()]
     text = {"role": "user", "content": "count " + " ".join(str(j) for j in range(40))}
     rows += [{"source": "text", "messages": [text, {"role": "assistant", "content": "done " * 20}]}] * 6
-    mixed = tmp_path / "mixed.jsonl"
+    mixed = manifest.parent / "mixed.jsonl"  # media paths are relative to the manifest
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pipe = load_pipeline(None)
     stream = trainer_mod.make_stream(mixed, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=int(SEQ),
