@@ -302,7 +302,7 @@ _TRAIN_CONFIG_FLAGS = ("stage", "recipe", "model", "data", "steps", "seed", "cp"
 def _train_config(args) -> dict:
     """--config's recipe keys; its train-flag keys are applied to ``args`` where the flag
     was left at its default."""
-    from longvita.dist.recipe import load_config
+    from longvita.train_recipe import load_config
 
     if not args.config:
         return {}
@@ -318,7 +318,7 @@ def _train_config(args) -> dict:
 
 def _train_recipe(args, config: dict):
     """The stage preset with --config, then --set, then --seq-len applied (later wins)."""
-    from longvita.dist.recipe import apply_overrides, recipe
+    from longvita.train_recipe import apply_overrides, recipe
 
     r = recipe(args.stage, args.recipe)
     if args.model is None:
@@ -372,7 +372,7 @@ def check_train_args(args):
         raise CLIError(f"--data {args.data}: manifest file does not exist")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise CLIError(f"--device must be cpu or cuda, got {args.device!r}")
-    from longvita.dist.trainer import latest_checkpoint
+    from longvita.train_recipe import latest_checkpoint
 
     ckpt = latest_checkpoint(args.out)
     if args.resume and ckpt is None:

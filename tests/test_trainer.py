@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from longvita.cli import main
 from longvita.dist import trainer as trainer_mod
-from longvita.dist.recipe import apply_overrides, load_config, recipe
+from longvita.train_recipe import apply_overrides, load_config, recipe
 
 SEQ = "200"
 # a stage-2 run whose steps move the weights visibly: every module trained at 1e-3

@@ -34,13 +34,10 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from longvita.dist.recipe import StageRecipe, lr_factor
+from longvita.train_recipe import CHECKPOINT_DIR, StageRecipe, latest_checkpoint, lr_factor
 from longvita.dist.train import all_reduce_gradients, packed_loss, shard_model, sum_gradients_loss
 
 __all__ = ["StepResult", "Trainer", "TrainingDiverged", "latest_checkpoint", "make_stream", "param_groups"]
-
-CHECKPOINT_DIR = "checkpoints"
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: the run stops before the optimizer step."""
@@ -102,16 +99,6 @@ def param_groups(model, r: StageRecipe) -> list[dict]:
     for g in out:
         g["weight_decay"] = r.weight_decay
     return out
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``out/checkpoints`` (temp folders ignored)."""
-    root = Path(out) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
-                  and (p / "COMPLETE").exists())
-    return done[-1] if done else None
 
 
 def _world() -> tuple[int, int]:

@@ -13,6 +13,10 @@ Presets:
   attention and positions per sample in stages 1-2 (``reset=True``) and not in 3-4.
 - ``long-vita-release``: as ``paper``, but stages 3-4 at 5e-6 with the vision tower frozen
   (how the released checkpoints were trained for long context).
+
+This module imports only the standard library (the CLI checks ``longvita train``'s
+arguments with it before torch loads); so does ``latest_checkpoint``, the run folder's
+layout that ``longvita.dist.trainer`` writes.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["RECIPES", "StageRecipe", "apply_overrides", "load_config", "lr_factor", "recipe"]
+__all__ = ["CHECKPOINT_DIR", "RECIPES", "StageRecipe", "apply_overrides", "latest_checkpoint", "load_config", "lr_factor",
+           "recipe"]
 
 RECIPES = ("paper", "long-vita-release")
+CHECKPOINT_DIR = "checkpoints"  # OUT/checkpoints/step-NNNNNNN, each complete one holding a COMPLETE file
 SEQ_LEN = {1: 32 * 1024, 2: 16 * 1024, 3: 128 * 1024, 4: 1024 * 1024}
 
 
@@ -189,3 +195,13 @@ def load_config(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of key: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``out/checkpoints`` (temp folders ignored)."""
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+                  and (p / "COMPLETE").exists())
+    return done[-1] if done else None
