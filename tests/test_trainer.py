@@ -28,9 +28,11 @@ FAST = ["--stage", "2", "--seq-len", SEQ, "--set", "lr_llm=1e-3", "lr_projector=
 
 @pytest.fixture(scope="module", autouse=True)
 def _user_backends():
-    """As in a user's shell: the CPU paths, not Triton's interpreter (which the kernel tests cover)."""
+    """The CPU torch paths, not Triton's interpreter (which the kernel tests cover; it would
+    make these steps a hundred times slower). TRITON_INTERPRET itself stays as conftest set
+    it: triton may already be imported in this process."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
+        mp.setenv("LONGVITA_BACKEND", "torch")
         yield
 
 
