@@ -1,4 +1,4 @@
-"""Command line: ``longvita generate`` and ``longvita info``.
+"""Command line: ``longvita generate``, ``longvita train`` and ``longvita info``.
 
 Errors in what the user gave (files, arguments, checkpoints) print one line on stderr
 and exit non-zero, without a traceback.
@@ -290,6 +290,162 @@ def _maybe_init_distributed(torch, device: str):
     return dist.get_rank(), dist.get_world_size()
 
 
+# ------------------------------------------------------------------------------ train
+
+TINY_SEQ_LEN = 256  # the tiny default model: a step takes about a second on a CPU
+
+
+# the train command's own flags a --config file may set too (a flag given on the command line wins)
+_TRAIN_CONFIG_FLAGS = ("stage", "recipe", "model", "data", "steps", "seed", "cp", "checkpoint_every", "keep")
+
+
+def _train_config(args) -> dict:
+    """--config's recipe keys; its train-flag keys are applied to ``args`` where the flag
+    was left at its default."""
+    from longvita.train_recipe import load_config
+
+    if not args.config:
+        return {}
+    config = load_config(args.config)
+    defaults = vars(build_parser().parse_args(["train"]))
+    for key in _TRAIN_CONFIG_FLAGS:
+        if key in config:
+            value = config.pop(key)
+            if getattr(args, key) == defaults[key]:
+                setattr(args, key, value)
+    return config
+
+
+def _train_recipe(args, config: dict):
+    """The stage preset with --config, then --set, then --seq-len applied (later wins)."""
+    from longvita.train_recipe import apply_overrides, recipe
+
+    r = recipe(args.stage, args.recipe)
+    if args.model is None:
+        r = apply_overrides(r, {"seq_len": TINY_SEQ_LEN})
+    if config:
+        try:
+            r = apply_overrides(r, config)
+        except ValueError as exc:
+            raise CLIError(f"--config {args.config}: {exc}") from None
+    if args.set:
+        try:
+            r = apply_overrides(r, args.set)
+        except ValueError as exc:
+            raise CLIError(f"--set: {exc}") from None
+    if args.seq_len is not None:
+        r = apply_overrides(r, {"seq_len": args.seq_len})
+    return r
+
+
+def check_train_args(args):
+    """Every check that needs no model, before anything is loaded: errors name the flag.
+    Returns the recipe (preset + overrides)."""
+    if args.config is not None and not os.path.isfile(args.config):
+        raise CLIError(f"--config {args.config}: file does not exist")
+    config = _train_config(args)
+    for key, kind in (("stage", int), ("steps", int), ("seed", int), ("checkpoint_every", int), ("keep", int)):
+        if not isinstance(getattr(args, key), kind) or isinstance(getattr(args, key), bool):
+            raise CLIError(f"--config {args.config}: {key} must be an integer, got {getattr(args, key)!r}")
+    if args.cp is not None and (not isinstance(args.cp, int) or isinstance(args.cp, bool)):
+        raise CLIError(f"--config {args.config}: cp must be an integer, got {args.cp!r}")
+    if args.stage not in (1, 2, 3, 4):
+        raise CLIError(f"--stage must be 1, 2, 3 or 4, got {args.stage}")
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise CLIError(f"--seq-len must be >= 2, got {args.seq_len}")
+    if args.checkpoint_every < 0:
+        raise CLIError(f"--checkpoint-every must be >= 0 (0: only at the end), got {args.checkpoint_every}")
+    if args.keep < 1:
+        raise CLIError(f"--keep must be >= 1, got {args.keep}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cp = args.cp if args.cp is not None else world
+    if cp < 1 or world % cp:
+        raise CLIError(f"--cp {args.cp} must divide the number of processes ({world})")
+    if args.model is not None:
+        if not os.path.isdir(args.model):
+            raise CLIError(f"--model {args.model}: checkpoint folder does not exist")
+        if not os.path.isfile(os.path.join(args.model, "config.json")):
+            raise CLIError(f"--model {args.model}: no config.json in the folder")
+    if args.data is not None and not os.path.isfile(args.data):
+        raise CLIError(f"--data {args.data}: manifest file does not exist")
+    if not (args.device == "cpu" or args.device.startswith("cuda")):
+        raise CLIError(f"--device must be cpu or cuda, got {args.device!r}")
+    from longvita.train_recipe import latest_checkpoint
+
+    ckpt = latest_checkpoint(args.out)
+    if args.resume and ckpt is None:
+        raise CLIError(f"--resume: no complete checkpoint under {os.path.join(args.out, 'checkpoints')}")
+    if not args.resume and ckpt is not None:
+        raise CLIError(f"--out {args.out} already holds checkpoints; pass --resume to continue, or another --out")
+    return _train_recipe(args, config)
+
+
+def cmd_train(args) -> int:
+    recipe = check_train_args(args)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    rank, world = _maybe_init_distributed(torch, args.device)
+    if args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(args.device)
+    try:
+        return _train(args, recipe, torch, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(args, recipe, torch, rank: int, world: int) -> int:
+    from longvita.dist.trainer import Trainer, make_stream
+    from longvita.pipeline import load_pipeline
+
+    pipe = load_pipeline(args.model, dtype=torch.float32, device=args.device, seed=args.seed)
+    data = args.data
+    if data is None:  # the synthetic set, written once by rank 0
+        data = os.path.join(args.out, "synthetic", "manifest.jsonl")
+        if rank == 0 and not os.path.isfile(data):
+            from longvita.data.synthetic import write_synthetic_dataset
+
+            write_synthetic_dataset(os.path.join(args.out, "synthetic"), 64, args.seed,
+                                    image_size=pipe.model.config.vision.image_size)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    stream = make_stream(data, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=recipe.seq_len,
+                         reset=recipe.reset, seed=args.seed)
+    cp = args.cp if args.cp is not None else world
+    trainer = Trainer(pipe.model, pipe.tokenizer, recipe, stream, steps=args.steps, out=args.out, cp=cp,
+                      checkpoint_every=args.checkpoint_every, keep=args.keep, seed=args.seed)
+    if args.resume:
+        path = trainer.resume()
+        if rank == 0 and not args.json:
+            print(f"resumed from {path} (step {trainer.step})", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.steps, initial=trainer.step, desc=f"stage {recipe.stage}", unit="step",
+               disable=True if rank != 0 or args.json else None)
+    for result in trainer.run():
+        if rank == 0 and args.json:
+            print(json.dumps({"step": result.step, "loss": result.loss, "lr": result.lr,
+                              "tokens_per_s": result.tokens_per_s, "skipped_media": result.skipped_media,
+                              "grad_norm": result.grad_norm}), flush=True)
+        bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}")
+        bar.update()
+    bar.close()
+    final = trainer.save_final()
+    if rank == 0 and not args.json:
+        print(f"[{args.steps} steps, stage {recipe.stage} ({recipe.name}), {world} rank{'s' if world > 1 else ''}, "
+              f"cp {cp}; model written to {final}]", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -336,6 +492,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
+    t = sub.add_parser("train", help="train one Long-VITA stage (recipe presets, CP + FSDP under torchrun)",
+                       formatter_class=fmt)
+    t.add_argument("--stage", type=int, choices=[1, 2, 3, 4], default=1, help="training stage (paper, Table 2)")
+    t.add_argument("--recipe", choices=["paper", "long-vita-release"], default="paper", help="preset set")
+    t.add_argument("--model", help="checkpoint folder to start from (unset: the tiny preset, random weights from --seed)")
+    t.add_argument("--data", metavar="MANIFEST", help="training manifest (.jsonl; unset: a synthetic set in OUT/synthetic)")
+    t.add_argument("--steps", type=int, default=10, help="optimizer steps (the cosine schedule spans them)")
+    t.add_argument("--seq-len", type=int, metavar="N",
+                   help=f"tokens per pack (unset: the stage's, or {TINY_SEQ_LEN} with the tiny default model)")
+    t.add_argument("--seed", type=int, default=0, help="data order (and the random default model's weights)")
+    t.add_argument("--cp", type=int, metavar="N",
+                   help="ranks per context-parallel group; the rest of the world is data parallel (FSDP2) (unset: all)")
+    t.add_argument("--out", default="longvita-train", metavar="DIR", help="run folder: checkpoints/, final/")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    t.add_argument("--config", metavar="FILE",
+                   help="a JSON (or YAML) mapping: recipe keys, and stage/recipe/model/data/steps/seed/cp/"
+                        "checkpoint_every/keep where the flag is not given")
+    t.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="recipe overrides, e.g. lr_llm=1e-4 warmup_steps=0")
+    t.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="steps between checkpoints; 0: at the end only")
+    t.add_argument("--keep", type=int, default=2, metavar="K", help="complete checkpoints kept")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    t.add_argument("--json", action="store_true", help="one JSON line per step instead of a progress bar")
+    t.set_defaults(func=cmd_train)
     i = sub.add_parser("info", help="versions, devices, native extension and kernel backends", formatter_class=fmt)
     i.set_defaults(func=lambda args: print(info_text()) or 0)
     return p
@@ -375,9 +554,10 @@ def _is_user_error(exc: Exception) -> bool:
     if isinstance(exc, CLIError):  # argument errors: answer without importing torch
         return True
     from longvita.data import InputError
+    from longvita.dist.trainer import TrainingDiverged
     from longvita.model import CheckpointError
 
-    return isinstance(exc, (CLIError, CheckpointError, InputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError))
+    return isinstance(exc, (CLIError, TrainingDiverged, CheckpointError, InputError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,207 @@
+"""Training recipes: Long-VITA's four stages (paper, Table 2) as dataclass presets.
+
+``recipe(stage, name)`` returns a ``StageRecipe``; every field can be overridden with
+``apply_overrides`` from ``key=value`` strings (``longvita train --set lr_llm=1e-4``) or a
+mapping read from a JSON/YAML file (``load_config``).
+
+Presets:
+- ``paper``: the paper's Table 2. Stage 1 (32K tokens) trains the projector only at 1e-3;
+  stages 2-4 (16K, 128K, 1M) train everything: the vision tower at 1e-6 with layer-wise
+  decay 0.9 (layer i of L gets ``lr * 0.9**(L-1-i)``, so deeper layers learn faster, the
+  patch embedding ``lr * 0.9**L``), projector and LLM at 1e-5. Cosine schedule with a
+  warm-up, weight decay 0, gradient clip 1.0, Adam betas (0.9, 0.999). Packs reset
+  attention and positions per sample in stages 1-2 (``reset=True``) and not in 3-4.
+- ``long-vita-release``: as ``paper``, but stages 3-4 at 5e-6 with the vision tower frozen
+  (how the released checkpoints were trained for long context).
+
+This module imports only the standard library (the CLI checks ``longvita train``'s
+arguments with it before torch loads); so does ``latest_checkpoint``, the run folder's
+layout that ``longvita.dist.trainer`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["CHECKPOINT_DIR", "RECIPES", "StageRecipe", "apply_overrides", "latest_checkpoint", "load_config", "lr_factor",
+           "recipe"]
+
+RECIPES = ("paper", "long-vita-release")
+CHECKPOINT_DIR = "checkpoints"  # OUT/checkpoints/step-NNNNNNN, each complete one holding a COMPLETE file
+SEQ_LEN = {1: 32 * 1024, 2: 16 * 1024, 3: 128 * 1024, 4: 1024 * 1024}
+
+
+@dataclass
+class StageRecipe:
+    """Everything one training stage sets (the CLI's ``--set`` keys are these names)."""
+
+    stage: int = 1
+    name: str = "paper"
+    seq_len: int = SEQ_LEN[1]
+    reset: bool = True  # packs restart attention and positions per sample
+    train_vision: bool = False
+    train_projector: bool = True
+    train_llm: bool = False
+    lr_vision: float = 1e-6
+    layer_decay: float = 0.9  # vision layer i of L: lr_vision * layer_decay ** (L - 1 - i)
+    lr_projector: float = 1e-3
+    lr_llm: float = 1e-5
+    warmup_ratio: float = 0.03  # share of the steps spent warming up linearly from 0
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0: off
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def validate(self) -> "StageRecipe":
+        problems = []
+        if self.stage not in (1, 2, 3, 4):
+            problems.append(f"stage must be 1-4, got {self.stage}")
+        if self.seq_len < 2:
+            problems.append(f"seq_len must be >= 2, got {self.seq_len}")
+        for key in ("lr_vision", "lr_projector", "lr_llm", "weight_decay", "grad_clip", "eps"):
+            v = getattr(self, key)
+            if not (v >= 0 and math.isfinite(v)):
+                problems.append(f"{key} must be a finite number >= 0, got {v}")
+        for key in ("beta1", "beta2", "warmup_ratio", "min_lr_ratio", "layer_decay"):
+            v = getattr(self, key)
+            if not 0 <= v <= 1:
+                problems.append(f"{key} must be in [0, 1], got {v}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (self.train_vision or self.train_projector or self.train_llm):
+            problems.append("nothing to train: train_vision, train_projector and train_llm are all false")
+        if problems:
+            raise ValueError("recipe: " + "; ".join(problems))
+        return self
+
+    def warmup(self, steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(math.ceil(self.warmup_ratio * steps))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def recipe(stage: int, name: str = "paper") -> StageRecipe:
+    """The preset of ``stage`` (1-4) in recipe ``name`` (``paper`` or ``long-vita-release``)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+    if stage not in SEQ_LEN:
+        raise ValueError(f"stage must be 1, 2, 3 or 4, got {stage}")
+    r = StageRecipe(stage=stage, name=name, seq_len=SEQ_LEN[stage], reset=stage <= 2)
+    if stage >= 2:
+        r.train_vision = r.train_projector = r.train_llm = True
+        r.lr_projector = 1e-5
+    if name == "long-vita-release" and stage >= 3:
+        r.train_vision = False
+        r.lr_projector = r.lr_llm = 5e-6
+    return r.validate()
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based): linear warm-up over
+    ``warmup`` steps, then a cosine from 1 to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _coerce(key: str, value: Any, kind) -> Any:
+    kind = str(kind)
+    if isinstance(value, str):
+        text = value.strip()
+        if "None" in kind and text.lower() in ("none", "null", ""):
+            return None
+        try:
+            if kind.startswith("bool"):
+                if text.lower() in _TRUE:
+                    return True
+                if text.lower() in _FALSE:
+                    return False
+                raise ValueError
+            if kind.startswith("int"):
+                return int(text)
+            if kind.startswith("float"):
+                return float(text)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected {kind.split(' ')[0]}") from None
+        return text
+    if kind.startswith("bool") and not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r}: expected true or false")
+    if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("int") and not (isinstance(value, int) and not isinstance(value, bool)):
+        if value is None and "None" in kind:
+            return None
+        raise ValueError(f"{key}={value!r}: expected an integer")
+    return value
+
+
+def apply_overrides(r: StageRecipe, overrides: Mapping[str, Any] | list[str]) -> StageRecipe:
+    """A copy of ``r`` with fields replaced: a mapping, or ``key=value`` strings. Unknown
+    keys and values of the wrong type raise ValueError naming the key."""
+    if not isinstance(overrides, Mapping):
+        pairs = {}
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"expected key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            pairs[k.strip().replace("-", "_")] = v
+        overrides = pairs
+    fields = {f.name: f.type for f in dataclasses.fields(StageRecipe)}
+    changes = {}
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ValueError(f"unknown recipe key {key!r}; keys are {', '.join(fields)}")
+        changes[key] = _coerce(key, value, fields[key])
+    return dataclasses.replace(r, **changes).validate()
+
+
+def load_config(path: str | Path) -> dict:
+    """A flat mapping of recipe keys (and the train command's own keys) from a JSON file,
+    or YAML when PyYAML is importable and the file ends in .yaml/.yml."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: file does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or write JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of key: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``out/checkpoints`` (temp folders ignored)."""
+    root = Path(out) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+                  and (p / "COMPLETE").exists())
+    return done[-1] if done else None
