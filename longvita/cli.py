@@ -14,6 +14,11 @@ import time
 import warnings
 
 LONG_PREFILL_TOKENS = 8192  # prompts from this long show a prefill progress bar
+LONG_SEQUENCE_AC = 16384  # packs from this long recompute activations by default (memory over speed)
+
+
+def _activation_checkpointing(choice: str, seq_len: int) -> bool:
+    return choice == "on" or (choice == "auto" and seq_len >= LONG_SEQUENCE_AC)
 EXIT_INPUT = 1  # bad input (files, arguments, checkpoints); argparse's own errors exit 2
 
 
@@ -422,7 +427,8 @@ def _train(args, recipe, torch, rank: int, world: int) -> int:
                          reset=recipe.reset, seed=args.seed)
     cp = args.cp if args.cp is not None else world
     trainer = Trainer(pipe.model, pipe.tokenizer, recipe, stream, steps=args.steps, out=args.out, cp=cp,
-                      checkpoint_every=args.checkpoint_every, keep=args.keep, seed=args.seed)
+                      checkpoint_every=args.checkpoint_every, keep=args.keep, seed=args.seed,
+                      activation_checkpointing=_activation_checkpointing(args.activation_checkpointing, recipe.seq_len))
     if args.resume:
         path = trainer.resume()
         if rank == 0 and not args.json:
@@ -502,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, metavar="N",
                    help=f"tokens per pack (unset: the stage's, or {TINY_SEQ_LEN} with the tiny default model)")
     t.add_argument("--seed", type=int, default=0, help="data order (and the random default model's weights)")
+    t.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help=f"recompute each layer in the backward; auto: on from {LONG_SEQUENCE_AC} tokens")
     t.add_argument("--cp", type=int, metavar="N",
                    help="ranks per context-parallel group; the rest of the world is data parallel (FSDP2) (unset: all)")
     t.add_argument("--out", default="longvita-train", metavar="DIR", help="run folder: checkpoints/, final/")

@@ -314,3 +314,13 @@ def test_fsdp_step_with_and_without_media(tmp_path):
     assert any(a != b for a, b in zip(has_media[::2], has_media[1::2])), has_media  # a mixed step happens
     lines = _torchrun(2, "--steps", "4", "--cp", "1", "--data", str(mixed), "--out", str(tmp_path / "run"))
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and all(math.isfinite(x["loss"]) for x in lines)
+
+
+def test_activation_checkpointing_flag_gives_the_same_steps(tmp_path, capsys):
+    """--activation-checkpointing on recomputes layers in the backward: same losses."""
+    rc, plain, err = _train(capsys, tmp_path / "plain", "--steps", "2", "--activation-checkpointing", "off")
+    assert rc == 0, err
+    rc, ac, err = _train(capsys, tmp_path / "ac", "--steps", "2", "--activation-checkpointing", "on")
+    assert rc == 0, err
+    assert [x["loss"] for x in ac] == pytest.approx([x["loss"] for x in plain], rel=1e-6)
+    assert [x["grad_norm"] for x in ac] == pytest.approx([x["grad_norm"] for x in plain], rel=1e-5)

@@ -115,7 +115,7 @@ def write_synthetic_dataset(folder: str | Path, n_samples: int = 64, seed: int =
         raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     if videos is None:
         try:
-            import av  # noqa: F401, PLC0415
+            import av  # noqa: F401  (only to know whether clips can be made)
             videos = True
         except ImportError:
             videos = False

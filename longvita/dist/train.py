@@ -23,7 +23,10 @@ from longvita.dist.ring_attention import ring_attention
 from longvita.dist.zigzag import ZigzagLayout, zigzag_layout
 from longvita.model import DecoderAttention, LongVITA, positions_from_cu_seqlens
 
-__all__ = ["RingAttention", "all_reduce_gradients", "packed_loss", "shard_model", "sum_gradients_loss"]
+__all__ = [
+    "RingAttention", "all_reduce_gradients", "apply_activation_checkpointing", "packed_loss", "shard_model",
+    "sum_gradients_loss",
+]
 
 IGNORE = -100
 
@@ -98,6 +101,30 @@ def all_reduce_gradients(model: torch.nn.Module, group: dist.ProcessGroup | None
     for p in model.parameters():
         if p.grad is not None:
             dist.all_reduce(p.grad, group=group)
+
+
+def apply_activation_checkpointing(model: LongVITA) -> LongVITA:
+    """Recompute every decoder layer and ViT block in the backward instead of keeping its
+    activations (activation memory then grows with one layer's, not with every layer's).
+    Applied from outside, to the module instances (parameter names are unchanged), before
+    ``shard_model``. Under CP the recompute runs the ring again on every rank alike."""
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(module):
+        forward = module.forward
+
+        def checkpointed(*args, **kwargs):
+            if not torch.is_grad_enabled():  # inference: nothing to save
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        module.forward = checkpointed
+
+    for block in model.vision.layers:
+        wrap(block)
+    for layer in model.text.layers:
+        wrap(layer)
+    return model
 
 
 def shard_model(model: LongVITA, mesh=None, *, mp_policy=None) -> LongVITA:

@@ -35,7 +35,13 @@ import torch
 import torch.distributed as dist
 
 from longvita.train_recipe import CHECKPOINT_DIR, StageRecipe, latest_checkpoint, lr_factor
-from longvita.dist.train import all_reduce_gradients, packed_loss, shard_model, sum_gradients_loss
+from longvita.dist.train import (
+    all_reduce_gradients,
+    apply_activation_checkpointing,
+    packed_loss,
+    shard_model,
+    sum_gradients_loss,
+)
 
 __all__ = ["StepResult", "Trainer", "TrainingDiverged", "latest_checkpoint", "make_stream", "param_groups"]
 
@@ -120,7 +126,8 @@ class Trainer:
     complete checkpoint under ``out``; ``save_final()`` writes ``out/final``."""
 
     def __init__(self, model, tokenizer, recipe: StageRecipe, stream, *, steps: int, out: str | os.PathLike,
-                 cp: int = 1, checkpoint_every: int = 0, keep: int = 2, seed: int = 0):
+                 cp: int = 1, checkpoint_every: int = 0, keep: int = 2, seed: int = 0,
+                 activation_checkpointing: bool = False):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if keep < 1:
@@ -142,6 +149,8 @@ class Trainer:
         self.dp_index = self.rank // cp
         self.config = model.config
         groups = param_groups(model, self.recipe)  # requires_grad set before sharding
+        if activation_checkpointing:  # before FSDP, as torchtitan orders them
+            apply_activation_checkpointing(model)
         if self.dp > 1:
             from torch.distributed.device_mesh import init_device_mesh
 

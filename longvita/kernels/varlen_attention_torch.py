@@ -104,7 +104,7 @@ def varlen_attention_fwd_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: out (total_q, Hq, D) in q's dtype, lse (Hq, total_q) fp32 (float64 for
     float64 inputs), natural log."""
-    hq, d = q.shape[1], q.shape[2]
+    hq = q.shape[1]
     hkv = k.shape[1]
     acc = _acc_dtype(q.dtype)
     left, right = _window(causal, window_size)
@@ -156,7 +156,7 @@ def varlen_attention_bwd_torch(
     dQ += dS K, dK += dS^T Q (both times the scale), Delta = rowsum(dO * O) - dlse.
     dK / dV of a document accumulate in (Hkv, Lk, D) buffers, in a fixed order.
     """
-    hq, d = q.shape[1], q.shape[2]
+    hq = q.shape[1]
     hkv = k.shape[1]
     acc = _acc_dtype(q.dtype)
     left, right = _window(causal, window_size)
