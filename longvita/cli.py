@@ -428,7 +428,8 @@ def _train(args, recipe, torch, rank: int, world: int) -> int:
     cp = args.cp if args.cp is not None else world
     trainer = Trainer(pipe.model, pipe.tokenizer, recipe, stream, steps=args.steps, out=args.out, cp=cp,
                       checkpoint_every=args.checkpoint_every, keep=args.keep, seed=args.seed,
-                      activation_checkpointing=_activation_checkpointing(args.activation_checkpointing, recipe.seq_len))
+                      activation_checkpointing=_activation_checkpointing(args.activation_checkpointing, recipe.seq_len),
+                      mixed_precision=None if args.precision == "fp32" else args.precision)
     if args.resume:
         path = trainer.resume()
         if rank == 0 and not args.json:
@@ -508,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, metavar="N",
                    help=f"tokens per pack (unset: the stage's, or {TINY_SEQ_LEN} with the tiny default model)")
     t.add_argument("--seed", type=int, default=0, help="data order (and the random default model's weights)")
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="compute precision (bf16: bf16 compute over fp32 master weights, fp32 gradient reduction)")
     t.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
                    help=f"recompute each layer in the backward; auto: on from {LONG_SEQUENCE_AC} tokens")
     t.add_argument("--cp", type=int, metavar="N",

@@ -324,3 +324,15 @@ def test_activation_checkpointing_flag_gives_the_same_steps(tmp_path, capsys):
     assert rc == 0, err
     assert [x["loss"] for x in ac] == pytest.approx([x["loss"] for x in plain], rel=1e-6)
     assert [x["grad_norm"] for x in ac] == pytest.approx([x["grad_norm"] for x in plain], rel=1e-5)
+
+
+def test_bf16_precision_trains_close_to_fp32(tmp_path, capsys):
+    """--precision bf16: bf16 compute (autocast) over fp32 master weights; the first
+    step's loss is fp32's within bf16 rounding, and the final weights stay fp32."""
+    rc, fp32, err = _train(capsys, tmp_path / "fp32", "--steps", "2")
+    assert rc == 0, err
+    rc, bf16, err = _train(capsys, tmp_path / "bf16", "--steps", "2", "--precision", "bf16")
+    assert rc == 0, err
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # it really computed in bf16
+    assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "bf16" / "final").values())

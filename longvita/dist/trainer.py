@@ -127,7 +127,7 @@ class Trainer:
 
     def __init__(self, model, tokenizer, recipe: StageRecipe, stream, *, steps: int, out: str | os.PathLike,
                  cp: int = 1, checkpoint_every: int = 0, keep: int = 2, seed: int = 0,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, mixed_precision: str | None = None):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         if keep < 1:
@@ -149,6 +149,11 @@ class Trainer:
         self.dp_index = self.rank // cp
         self.config = model.config
         groups = param_groups(model, self.recipe)  # requires_grad set before sharding
+        if mixed_precision not in (None, "bf16"):
+            raise ValueError(f"mixed_precision must be None or 'bf16', got {mixed_precision!r}")
+        # bf16 compute over fp32 master weights: FSDP2 casts the gathered parameters (and
+        # reduces gradients in fp32); without FSDP, autocast does the casting per op
+        self.mixed_precision = mixed_precision
         if activation_checkpointing:  # before FSDP, as torchtitan orders them
             apply_activation_checkpointing(model)
         if self.dp > 1:
@@ -156,7 +161,12 @@ class Trainer:
 
             device = next(model.parameters()).device.type
             self.mesh = init_device_mesh(device, (self.world,))
-            model = shard_model(model, self.mesh)
+            mp_policy = None
+            if mixed_precision == "bf16":
+                from torch.distributed.fsdp import MixedPrecisionPolicy
+
+                mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            model = shard_model(model, self.mesh, mp_policy=mp_policy)
             groups = param_groups(model, self.recipe)  # the sharded (DTensor) parameters
         self.model = model.train()
         self.params = [p for g in groups for p in g["params"]]
@@ -204,12 +214,14 @@ class Trainer:
             pack = self._dummy_tile(pack)
         device = next(self.model.parameters()).device
         pixels = pack.pixel_values
-        loss = packed_loss(
-            self.model, pack.input_ids.to(device), pack.labels.to(device),
-            None if pixels is None else pixels.to(device),
-            cu_seqlens=pack.cu_seqlens.to(device), position_ids=pack.position_ids.to(device),
-            cp_group=self.cp_group, dp_group=self.dp_group,
-        )
+        autocast = self.mixed_precision == "bf16" and not self.sharded
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = packed_loss(
+                self.model, pack.input_ids.to(device), pack.labels.to(device),
+                None if pixels is None else pixels.to(device),
+                cu_seqlens=pack.cu_seqlens.to(device), position_ids=pack.position_ids.to(device),
+                cp_group=self.cp_group, dp_group=self.dp_group,
+            )
         report = loss.detach().clone().double()
         if self.world > 1:
             dist.all_reduce(report)  # the shares of every rank add up to the global mean

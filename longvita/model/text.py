@@ -51,9 +51,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attention: DecoderAttention, layer_idx: int):
         n = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin)  # (tokens, heads, head_dim)
-        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin)  # (tokens, kv_heads, head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
+        # RoPE in the tables' dtype, then back to the projections' (they differ under autocast)
+        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin).to(v.dtype)  # (tokens, heads, head_dim)
+        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin).to(v.dtype)
         out = attention.attend(layer_idx, q, k, v)  # (tokens, heads, head_dim)
         return self.o_proj(out.reshape(n, -1))
 
