@@ -41,7 +41,17 @@ def run_on_ranks(fn, world: int, tmp_path, *args, deadline_s: float = 180):
                              join=False, start_method="spawn")
     try:
         t0 = time.monotonic()
-        while not ctx.join(timeout=1):
+        while True:
+            try:
+                if ctx.join(timeout=1):
+                    break
+            except mp.ProcessExitedException:
+                # a rank killed by a signal AFTER every rank saved its result (past the
+                # barrier: gloo's threads can abort at process exit) still returned all its
+                # numbers; one killed before that fails the test below
+                if all((tmp_path / f"rank{r}.pt").exists() for r in range(world)):
+                    break
+                raise
             if time.monotonic() - t0 > deadline_s:
                 pytest.fail(f"{fn.__name__} on {world} ranks did not finish in {deadline_s}s (hang?)")
     finally:
