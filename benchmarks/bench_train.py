@@ -266,7 +266,8 @@ def fmt_tokens(n: int) -> str:
 
 def title(s: Settings) -> str:
     if s.cpu:
-        return f"Training step, CPU smoke run (tiny preset, {s.layers} layers, fp32, {s.tokens} tokens, {s.tiles} tiles)"
+        return (f"Training step, CPU smoke run (tiny preset, {s.layers} layers, fp32, "
+                f"{s.tokens} tokens, {s.tiles} tiles)")
     return (f"Training step, Long-VITA-14B shapes with {s.layers} of 48 decoder layers, random weights, "
             f"bf16 autocast over fp32 weights, AdamW, one {fmt_tokens(s.tokens)}-token pack with {s.tiles} tiles "
             f"(target: MFU >= {MFU_TARGET:.0%} at 128K on an H100)")

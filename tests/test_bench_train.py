@@ -59,7 +59,8 @@ def check_payload(p):
         trainable[r["impl"]] = m["trainable"]
     # stage 1 trains the projector only: far fewer parameters, whatever the checkpointing
     for ac in ("without", "with"):
-        s3, s1 = trainable[f"stage 3 {ac} activation checkpointing"], trainable[f"stage 1 {ac} activation checkpointing"]
+        s3 = trainable[f"stage 3 {ac} activation checkpointing"]
+        s1 = trainable[f"stage 1 {ac} activation checkpointing"]
         assert s1 < s3 / 5, f"stage 1 {ac} AC trains {s1}M parameters, stage 3 {s3}M"
 
 
@@ -99,7 +100,8 @@ def test_flops_formula_on_the_14b_shapes():
     with torch.device("meta"):
         model = bt.LongVITA(cfg)
     t, n, tiles = cfg.text, 131072, 16
-    p_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim + t.num_heads * t.head_dim * t.hidden_size
+    p_layer = (t.hidden_size * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+               + t.num_heads * t.head_dim * t.hidden_size
                + 3 * t.hidden_size * t.intermediate_size)
     dense = 6 * (4 * p_layer + t.vocab_size * t.hidden_size) * n
     attention = 4 * 3 * 0.5 * 4 * n**2 * t.num_heads * t.head_dim
