@@ -25,7 +25,9 @@ def _entry(rank, world, init_file, out_dir, fn, args):
         torch.set_num_threads(1)  # P processes share the machine's cores
         result = fn(rank, world, *args)
         dist.barrier()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(result, path + ".tmp")
+        os.replace(path + ".tmp", path)  # the parent sees a whole file or none
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
