@@ -59,7 +59,6 @@ about GPU performance.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -71,7 +70,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ring import KINDS, predict, setup_block  # noqa: E402
 from bench_ring import Case as RingCase  # noqa: E402
-from common import Row, gpu_only, print_table, pytest_benchmark_median, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Row, fmt_tokens, free_memory, gpu_only, is_cuda_oom, print_table, pytest_benchmark_median, sync, write_json,
+)
 
 from longvita.model import LongVITA, preset  # noqa: E402
 
@@ -94,9 +95,7 @@ class SimulatedOOM(Exception):
 def is_oom(e: BaseException) -> bool:
     """Out of memory: torch's allocator, cuBLAS failing to allocate its workspace, or the
     CPU run's simulated budget."""
-    if isinstance(e, (torch.cuda.OutOfMemoryError, SimulatedOOM)):
-        return True
-    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
+    return isinstance(e, SimulatedOOM) or is_cuda_oom(e)
 
 
 @dataclass
@@ -147,10 +146,6 @@ def settings_from_args(args) -> Settings:
         head_chunk=args.head_chunk, prefill_chunk=args.prefill_chunk, budget_bytes=None,
         iters=1 if args.quick else 3,
     )
-
-
-def fmt_tokens(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
 # --------------------------------------------------------------------------------------
@@ -211,17 +206,6 @@ def largest_under(peak, budget: float, limit: int) -> int:
 # --------------------------------------------------------------------------------------
 # Timing, memory and the largest-prompt search (shared by the GPU and the CPU smoke run)
 # --------------------------------------------------------------------------------------
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def free_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
 
 
 def time_ms(fn, s: Settings, tokens: int = 0) -> float:

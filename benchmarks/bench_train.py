@@ -50,7 +50,6 @@ nothing about GPU performance and there is no peak memory or MFU.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -60,7 +59,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, gpu_only, print_table, pytest_benchmark_median, write_json  # noqa: E402
+from common import (  # noqa: E402
+    Row, fmt_tokens, free_memory, gpu_only, is_cuda_oom, print_table, pytest_benchmark_median, sync, write_json,
+)
 
 from longvita.dist.train import apply_activation_checkpointing, packed_loss  # noqa: E402
 from longvita.model import LongVITA, preset  # noqa: E402
@@ -200,23 +201,6 @@ def setup_step(model: LongVITA, s: Settings):
     return step
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def free_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
-
-
 def measure(s: Settings, stage: str, checkpointing: bool) -> dict:
     """The metrics of one row; ``{"tokens": T}`` alone when the step ran out of memory."""
     model = build_model(s, stage, checkpointing)
@@ -248,7 +232,7 @@ def measure(s: Settings, stage: str, checkpointing: bool) -> dict:
         if s.device == "cuda":
             metrics["gib"] = torch.cuda.max_memory_allocated() / GIB
     except Exception as e:
-        if not is_oom(e):
+        if not is_cuda_oom(e):
             raise
         print(f"  {stage}: out of memory at {s.tokens} tokens", file=sys.stderr)
     del model, step
@@ -258,10 +242,6 @@ def measure(s: Settings, stage: str, checkpointing: bool) -> dict:
 
 def row_impl(stage: str, checkpointing: bool) -> str:
     return f"{stage} {'with' if checkpointing else 'without'} activation checkpointing"
-
-
-def fmt_tokens(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
 def title(s: Settings) -> str:

@@ -13,6 +13,7 @@ One setup function per op serves the speed and the memory runs; warm-up is exclu
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -173,3 +174,28 @@ def flash_attn_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def free_memory(device: str) -> None:
+    """Drop what the last case left: Python's garbage, then the CUDA allocator's cache."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_cuda_oom(e: BaseException) -> bool:
+    """Out of GPU memory: torch's allocator, or cuBLAS failing to allocate its workspace."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e) or "ALLOC_FAILED" in str(e))
+
+
+def fmt_tokens(n: int) -> str:
+    """1024-multiples as K (131072 -> 128K)."""
+    return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
