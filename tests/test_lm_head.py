@@ -119,7 +119,12 @@ def test_lce_fp16_within_twice_plain_torch_error(backend, reduction):
     )
     ref64 = _reference64(hidden, weight, labels, reduction=reduction, upstream=None if up is None else up.double())
     for name, o, p, r in zip(("loss", "d(hidden)", "d(weight)"), ours, plain, ref64):
-        eps = 1e-5 * r.abs().max().item()  # the 2x rule's small slack, as for the other kernels
+        # the 2x rule's slack: half an fp16 ulp of the largest value. Gradients come back
+        # rounded once to fp16 (accumulated in fp32); that last rounding alone costs up to
+        # half an ulp, wherever plain torch happens to round closer (seen: d(weight) at 2.3x
+        # of an error that was itself below one ulp). The loss is fp32: a tiny slack there.
+        half_ulp = torch.finfo(o.dtype).eps / 2 if o.dtype == torch.float16 else 1e-5
+        eps = half_ulp * r.abs().max().item()
         assert torch.isfinite(o).all()
         assert _err(o, r) <= 2 * _err(p, r) + eps, f"{name}: ours {_err(o, r):.3g} vs plain fp16 {_err(p, r):.3g}"
 
