@@ -87,6 +87,16 @@ def _synthetic_image(seed: int, size: int = 96):
     return Image.fromarray(img.astype("uint8"), "RGB")
 
 
+def _check_model_dir(model: str | None) -> None:
+    """--model, when given, is a folder with a config.json (generate and train alike)."""
+    if model is None:
+        return
+    if not os.path.isdir(model):
+        raise CLIError(f"--model {model}: checkpoint folder does not exist")
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise CLIError(f"--model {model}: no config.json in the folder")
+
+
 def check_generate_args(args) -> None:
     """Every check that needs no model, before anything is loaded: errors name the flag."""
     if args.max_new_tokens < 0:
@@ -117,11 +127,7 @@ def check_generate_args(args) -> None:
                 raise CLIError(f"{flag} {path}: file does not exist")
             if not os.path.isfile(path):
                 raise CLIError(f"{flag} {path}: not a file")
-    if args.model is not None:
-        if not os.path.isdir(args.model):
-            raise CLIError(f"--model {args.model}: checkpoint folder does not exist")
-        if not os.path.isfile(os.path.join(args.model, "config.json")):
-            raise CLIError(f"--model {args.model}: no config.json in the folder")
+    _check_model_dir(args.model)
     if not (args.device == "cpu" or args.device.startswith("cuda")):
         raise CLIError(f"--device must be cpu or cuda[:N], got {args.device!r}")
 
@@ -368,11 +374,7 @@ def check_train_args(args):
     cp = args.cp if args.cp is not None else world
     if cp < 1 or world % cp:
         raise CLIError(f"--cp {args.cp} must divide the number of processes ({world})")
-    if args.model is not None:
-        if not os.path.isdir(args.model):
-            raise CLIError(f"--model {args.model}: checkpoint folder does not exist")
-        if not os.path.isfile(os.path.join(args.model, "config.json")):
-            raise CLIError(f"--model {args.model}: no config.json in the folder")
+    _check_model_dir(args.model)
     if args.data is not None and not os.path.isfile(args.data):
         raise CLIError(f"--data {args.data}: manifest file does not exist")
     if not (args.device == "cpu" or args.device.startswith("cuda")):
