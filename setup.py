@@ -31,6 +31,23 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _torch_libstdcxx() -> list[str]:
+    """The shared libstdc++ this process (which has imported torch) has loaded, as a link
+    input, so longvita._C uses that one. Some toolchains link libstdc++ statically by
+    default (the GPU image's /opt/gcc g++ did: its _C.so had no libstdc++ dependency).
+    A static copy inside _C.so, with -Bsymbolic-functions, runs its own iostream code on
+    the shared library's locale data: the first TORCH_CHECK message that formatted a
+    number crashed the process (SIGSEGV in std::ostream::_M_insert<long>) instead of
+    raising. Listed before the compiler's own -lstdc++, the shared library wins."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libstdc++.so" in line}
+    except OSError:  # not Linux
+        return []
+    paths = sorted(p for p in paths if os.path.isfile(p))
+    return paths[:1]
+
+
 def _extensions():
     if _flag("LONGVITA_SKIP_EXT"):
         return [], {}
@@ -38,7 +55,10 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = ["csrc/binding.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++17"]
+    # No -std here: torch's build_ext adds the standard its own headers need (C++17 for
+    # torch 2.11, C++20 for newer releases); forcing one breaks the other.
+    cxx_flags = ["-O3"]
+    link_args = _torch_libstdcxx()
     nvcc_found = shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME")
     want_cuda = not _flag("LONGVITA_SKIP_CUDA") and (
         _flag("LONGVITA_FORCE_CUDA") or (torch.version.cuda is not None and nvcc_found)
@@ -47,7 +67,6 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0a")
         nvcc_flags = [
             "-O3",
-            "-std=c++17",
             "--use_fast_math",
             "-lineinfo",
             f"--threads={os.environ.get('NVCC_THREADS', '4')}",
@@ -58,6 +77,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("LONGVITA_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=link_args,
         )
     else:
         ext = CppExtension(
@@ -65,6 +85,7 @@ def _extensions():
             sources=cpu_sources,
             include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_args,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -124,11 +124,23 @@ def _setup_torch_varlen(case, mode):
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
+    import inspect
+
     q, k, v, cu, mx = _inputs(case, mode != "fwd")
     window = (-1, 0) if case.causal else (-1, -1)
-    kw = dict(window_size=window)
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"window_size": window} if "window_size" in params else {}
+    if not kw and case.causal:
+        kw = {"is_causal": True} if "is_causal" in params else None
+        if kw is None:
+            return None
     if case.hq != case.hkv:
-        kw["enable_gqa"] = True
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # torch 2.11's varlen_attn has no GQA: k/v heads repeated before the timing
+            group = case.hq // case.hkv
+            k = k.detach().repeat_interleave(group, dim=1).requires_grad_(k.requires_grad)
+            v = v.detach().repeat_interleave(group, dim=1).requires_grad_(v.requires_grad)
     return with_backward(lambda: varlen_attn(q, k, v, cu, cu, mx, mx, **kw), mode, (q, k, v))
 
 

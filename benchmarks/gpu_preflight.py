@@ -260,8 +260,11 @@ def check_installed(bench_dir: str, require: list[str]) -> int:
 
     import torch
 
-    from longvita._ext import native, native_has_cuda, native_status
+    from longvita._ext import native, native_has_cuda, native_links_shared_libstdcxx, native_status
 
+    if native_links_shared_libstdcxx() is False:
+        rep.error("native extension links libstdc++ statically: its error messages would crash the process "
+                  "(setup.py links the libstdc++ that torch loaded; see its _torch_libstdcxx)")
     if native() is None:
         rep.error(f"native extension longvita._C: {native_status()}")
     elif torch.version.cuda and shutil.which("nvcc") and not native_has_cuda():

@@ -31,3 +31,21 @@ def native_status() -> str:
         return f"not built ({_ERROR})"
     info = _C.build_info()
     return f"built (cuda={'yes' if info['cuda'] else 'no'}, torch {info['built_with_torch']})"
+
+
+def native_links_shared_libstdcxx() -> bool | None:
+    """Whether longvita._C loads libstdc++ as a shared library, as torch does. None when
+    unknown (not built, not Linux, no ``ldd``). A copy linked in statically crashed the
+    process at the first error message that formatted a number (see setup.py)."""
+    import shutil
+    import subprocess
+
+    ext = native()
+    path = getattr(ext, "__file__", None)
+    if path is None or shutil.which("ldd") is None:
+        return None
+    try:
+        out = subprocess.run(["ldd", path], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return "libstdc++" in out

@@ -203,10 +203,24 @@ def test_bad_shapes_raise():
 
 
 @needs_cpp
+def test_extension_links_shared_libstdcxx():
+    """The GPU image's g++ linked libstdc++ statically into _C.so by default, and then the
+    first failing TORCH_CHECK below crashed the process (SIGSEGV while formatting its
+    message). setup.py links the libstdc++ torch loaded instead."""
+    from longvita._ext import native_links_shared_libstdcxx
+
+    linked = native_links_shared_libstdcxx()
+    if linked is None:
+        pytest.skip("no ldd here")
+    assert linked, "longvita._C has no shared libstdc++ dependency"
+
+
+@needs_cpp
 def test_binding_checks_arguments():
     ext = native()
     x = torch.randn(1, 16, 3)
-    with pytest.raises(RuntimeError, match="weight"):
+    # the numbers in the message too: a statically linked libstdc++ formatted none of them
+    with pytest.raises(RuntimeError, match=r"weight must be 1-D with inv\*inv\*C = 12"):
         ext.pixel_shuffle_ln_fwd(x, torch.randn(11), None, 2, 1e-5)
     with pytest.raises(RuntimeError, match="perfect square"):
         ext.pixel_shuffle_ln_fwd(torch.randn(1, 15, 3), torch.randn(12), None, 2, 1e-5)

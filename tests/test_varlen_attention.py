@@ -256,6 +256,13 @@ def _valid():
     return dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=mq, max_seqlen_k=mk)
 
 
+def _on_cpu(args):
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            args[name] = value.cpu()
+    return args
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
@@ -263,8 +270,9 @@ def _valid():
         (lambda a: a.update(k=a["k"].half()), "share a dtype"),
         (lambda a: a.update(cu_seqlens_q=a["cu_seqlens_q"].long()), "cu_seqlens_q must be int32"),
         (lambda a: a.update(k=a["k"][:, :1].expand(-1, 3, -1), v=a["v"][:, :1].expand(-1, 3, -1)), "multiple of k/v heads"),
-        (lambda a: a.update(cu_seqlens_k=torch.tensor([0, 5, 3], dtype=torch.int32, device=DEVICE)), "cu_seqlens_k must be non-decreasing"),
-        (lambda a: a.update(max_seqlen_q=2), "max_seqlen_q"),
+        # value checks read cu_seqlens: only for CPU tensors (on a GPU they would sync)
+        (lambda a: _on_cpu(a).update(cu_seqlens_k=torch.tensor([0, 5, 3], dtype=torch.int32)), "cu_seqlens_k must be non-decreasing"),
+        (lambda a: _on_cpu(a).update(max_seqlen_q=2), "max_seqlen_q"),
         (lambda a: a.update(max_seqlen_k=torch.tensor(5)), "max_seqlen_k must be a non-negative Python int"),
         (lambda a: a.update(q=a["q"][:, :, :8]), "same head_dim"),
     ],
@@ -347,7 +355,7 @@ def test_gpu_flash_attn_backend_agrees():
     assert _max_err(lse_t, r_lse) <= 2 * _max_err(lse_f, r_lse) + 1e-5 * _max_abs(r_lse)
 
 
-@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32), (16, 64)])
+@pytest.mark.parametrize("bm,bn", [(32, 16), (16, 32), (16, 64), (64, 32)])
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (9, 4))])
 def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
     """The interpreter runs 16x16 blocks; GPU configs have BLOCK_M != BLOCK_N, so check the
@@ -356,5 +364,5 @@ def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
 
     if not vat.triton_interpret():
         pytest.skip("block override is for the interpreter")
-    monkeypatch.setattr(vat, "_fixed_config", lambda kind, block_d, even_d: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
+    monkeypatch.setattr(vat, "_fixed_config", lambda kind, *rest: dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=1, num_stages=1))
     _check_fp32([0, 1, 37, 70, 5], [0, 3, 37, 53, 21], 2, 1, 16, causal, window)

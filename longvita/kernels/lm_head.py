@@ -61,6 +61,23 @@ _BWD_CHUNK_BYTES = 1 * 2**30
 _FUSED_CHUNK_BYTES = 2 * 2**30
 
 
+def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor):
+    """What ``F.linear`` would see under ``torch.autocast``: floating inputs (not fp64) cast
+    to the autocast dtype. The kernels below then run with autocast off, so every GEMM in
+    them sees one dtype (under autocast a cuBLAS call inside would come back in bf16
+    while its ``out=`` buffer is fp32). Outside autocast the inputs pass unchanged."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type) or hidden.dtype == torch.float64:
+        return hidden, weight
+    dtype = torch.get_autocast_dtype(device_type)
+    return hidden.to(dtype), weight.to(dtype)
+
+
+def _no_autocast(t: torch.Tensor):
+    """Autocast off on t's device type: the cores below cast nothing themselves."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 # --------------------------------------------------------------------------------------
 # Inference: last token, gathered logits
 # --------------------------------------------------------------------------------------
@@ -104,9 +121,11 @@ def gather_logits(
             hidden's dtype (fp32 accumulate on GPU) and is cast afterwards.
 
     Returns:
-        (R, V) logits. Differentiable with respect to hidden and weight.
+        (R, V) logits. Differentiable with respect to hidden and weight. Under
+        ``torch.autocast`` the matmul runs in the autocast dtype, as ``F.linear`` would.
     """
     _check_hidden_weight(hidden, weight)
+    hidden, weight = _autocast_inputs(hidden, weight)
     if not isinstance(index, torch.Tensor) or index.dim() != 1:
         raise ValueError("index must be a 1-D tensor of row indices")
     if index.dtype not in (torch.int32, torch.int64):
@@ -186,6 +205,10 @@ def linear_cross_entropy(
         loss: fp32 (fp64 for fp64 inputs) scalar, or (N,) / (N - 1,) for 'none'.
         With ``return_lse``: ``(loss, lse)`` with lse of shape (N,) / (N - 1,).
         All labels ignored gives loss 0 and zero gradients.
+
+    Under ``torch.autocast`` hidden and weight are cast to the autocast dtype first, as
+    ``F.linear`` would cast them (gradients flow back through the cast in the inputs'
+    dtypes), and the loss core runs with autocast off.
     """
     _check_hidden_weight(hidden, weight)
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -201,6 +224,7 @@ def linear_cross_entropy(
     if num_valid is not None and not isinstance(num_valid, (int, torch.Tensor)):
         raise ValueError(f"num_valid must be an int or a tensor, got {type(num_valid).__name__}")
 
+    hidden, weight = _autocast_inputs(hidden, weight)
     be = resolve("lm_head", hidden.device, hidden.dtype, backend)  # 'triton' or 'torch'
     params = LCEParams(
         ignore_index=int(ignore_index), backend=be,
@@ -269,7 +293,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, params: LCEParams):
         p = params
         fwd = _lce_fwd_op if torch.compiler.is_compiling() else _lce_fwd
-        loss, lse_raw = fwd(hidden, weight, labels, p.ignore_index, p.backend, p.torch_chunk_bytes)
+        with _no_autocast(hidden):
+            loss, lse_raw = fwd(hidden, weight, labels, p.ignore_index, p.backend, p.torch_chunk_bytes)
         ctx.save_for_backward(hidden, weight, labels, lse_raw)
         ctx.params = params
         lse = torch.where(labels != params.ignore_index, lse_raw, torch.zeros((), dtype=lse_raw.dtype))
@@ -281,10 +306,11 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         p = ctx.params
         bwd = _lce_bwd_op if torch.compiler.is_compiling() else _lce_bwd
-        dh, dw = bwd(
-            hidden, weight, labels, lse_raw, grad_loss, grad_lse,
-            p.ignore_index, p.backend, p.torch_chunk_bytes, p.bwd_chunk_bytes, need_h, need_w,
-        )
+        with _no_autocast(hidden):  # backward() may be called inside an autocast region
+            dh, dw = bwd(
+                hidden, weight, labels, lse_raw, grad_loss, grad_lse,
+                p.ignore_index, p.backend, p.torch_chunk_bytes, p.bwd_chunk_bytes, need_h, need_w,
+            )
         return (dh if need_h else None), (dw if need_w else None), None, None
 
 
@@ -298,7 +324,8 @@ class _LinearCrossEntropySumFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, labels, params: LCEParams):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         fused = _lce_fused_sum_op if torch.compiler.is_compiling() else _lce_fused_sum
-        loss, dh, dw = fused(hidden, weight, labels, params.ignore_index, params.fused_chunk_bytes, need_h, need_w)
+        with _no_autocast(hidden):
+            loss, dh, dw = fused(hidden, weight, labels, params.ignore_index, params.fused_chunk_bytes, need_h, need_w)
         ctx.grads = (dh if need_h else None, dw if need_w else None)
         return loss
 

@@ -114,10 +114,16 @@ def varlen_attention_fwd(
     window = (int(window_size[0]), int(window_size[1]))
     name = _pick_backend(q, backend)
     if name == "triton":
-        from longvita.kernels.varlen_attention_triton import varlen_attention_fwd_op
+        from longvita.kernels import varlen_attention_triton as vat
 
-        return varlen_attention_fwd_op(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), *window
+        if torch.compiler.is_compiling():  # the custom op: torch.compile traces through it
+            return vat.varlen_attention_fwd_op(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), *window
+            )
+        # eager: the launcher itself (a custom op's first eager call imports torch._dynamo,
+        # 0.8 s here and 4-5 s on a GPU machine without cached bytecode)
+        return vat.varlen_attention_fwd_triton(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), window
         )
     if name == "flash_attn":
         return _flash_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window)
@@ -139,11 +145,16 @@ def varlen_attention_bwd(
     window = (int(window_size[0]), int(window_size[1]))
     name = _pick_backend(q, backend)
     if name == "triton":
-        from longvita.kernels.varlen_attention_triton import varlen_attention_bwd_op
+        from longvita.kernels import varlen_attention_triton as vat
 
-        return varlen_attention_bwd_op(
+        if torch.compiler.is_compiling():
+            return vat.varlen_attention_bwd_op(
+                dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                scale, bool(causal), *window, dlse,
+            )
+        return vat.varlen_attention_bwd_triton(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-            scale, bool(causal), *window, dlse,
+            scale, bool(causal), window, dlse,
         )
     if name == "flash_attn":
         return _flash_attn_bwd(

@@ -25,7 +25,8 @@ Rows past ``cu_seqlens[-1]`` belong to no program: the launchers allocate out/dq
 as zeros and lse as -inf, so those rows read 0 / -inf. Row offsets are int64 (at 1M
 tokens x 40 heads x 128 a token offset passes 2^31).
 
-Block sizes are fixed per head dim (tuned for H100 by reasoning, not measured here);
+Block sizes are fixed per head dim: measured on an H100 for bf16/fp16 at head dims 64 and
+128 (``benchmarks/tune_attention.py``), chosen by reasoning otherwise;
 ``LONGVITA_AUTOTUNE=1`` autotunes them instead. In Triton's interpreter blocks are 16.
 """
 
@@ -528,11 +529,30 @@ def _autotune_enabled() -> bool:
     return os.environ.get("LONGVITA_AUTOTUNE", "0") == "1" and not triton_interpret()
 
 
-def _fixed_config(kind: str, block_d: int, even_d: bool) -> dict:
+# Measured on an H100 (bf16, benchmarks/tune_attention.py, 2026-11-25; RESULTS.md): the
+# fastest config of each kernel at Qwen2.5-14B's heads (40/8, D 128, causal 8K) and
+# InternViT-300M's (16/16, D 64, 8 tiles of 1025). Versus the configs chosen by reasoning
+# before (kept below for fp32 and padded head dims, which were not measured): forward 427 ->
+# 451 TFLOP/s at D 128; whole backward 8.37 -> 6.38 ms from dK/dV alone (its 16-row q
+# blocks were the bottleneck), dQ 8.38 -> 7.71 ms.
+_MEASURED_16BIT = {
+    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1),
+    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dq", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+}
+
+
+def _fixed_config(kind: str, block_d: int, even_d: bool, fp32: bool = False) -> dict:
     """Fixed launch parameters: tiny in the interpreter, H100-oriented on GPU.
-    ``even_d``: the head dim equals ``block_d`` (no padded columns)."""
+    ``even_d``: the head dim equals ``block_d`` (no padded columns); ``fp32``: fp32 inputs
+    (twice the shared memory per tile)."""
     if triton_interpret():
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if even_d and not fp32 and (kind, block_d) in _MEASURED_16BIT:
+        return dict(_MEASURED_16BIT[kind, block_d])
     # A head dim that is not a power of two (80, 96) is padded to BLOCK_D and its loads are
     # masked, which costs registers: with the even-D configs its windowed variants spilled
     # (40 B forward, 12 B dK/dV at D = 80). Half as many keys per block fit without spills.
@@ -595,7 +615,7 @@ def _launch(kind: str, kernel, grid_len: int, batch: int, heads: int, args: list
         grid = lambda meta: (triton.cdiv(grid_len, meta[grid_axis]), batch, heads)  # noqa: E731
         _tuned(kind)[grid](*args, **consts)
         return
-    cfg = _fixed_config(kind, block_d, consts["HEAD_DIM"] == block_d)
+    cfg = _fixed_config(kind, block_d, consts["HEAD_DIM"] == block_d, consts["DOT_PREC"] == "ieee")
     grid = (triton.cdiv(grid_len, cfg[grid_axis]), batch, heads)
     kernel[grid](*args, **consts, **cfg)
 
