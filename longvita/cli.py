@@ -528,9 +528,134 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     t.add_argument("--json", action="store_true", help="one JSON line per step instead of a progress bar")
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluations: needle in a haystack (visual and text)", formatter_class=fmt)
+    esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
+    n = esub.add_parser("niah", formatter_class=fmt,
+                        help="needle-in-a-haystack grid, teacher-forced, context-parallel under torchrun")
+    n.add_argument("--mode", choices=["visual", "text"], default="visual", help="V-NIAH (frames) or text NIAH (tokens)")
+    n.add_argument("--model", help="checkpoint folder (unset: the tiny preset with random weights from --seed)")
+    n.add_argument("--haystack", metavar="PATH",
+                   help="visual: a video file or a folder of videos (1 fps); text: a text file or a folder of .txt/.md "
+                        "(unset: generated frames / filler)")
+    n.add_argument("--needles", metavar="JSONL",
+                   help="needles file (text: id, sentence, question, answer; visual: id, image, question, answer); "
+                        "unset: a generated set")
+    n.add_argument("--num-needles", type=int, default=2, help="generated needles when --needles is unset")
+    n.add_argument("--frames", metavar="N,N,...", help=f"visual haystack lengths in frames (default {NIAH_DEFAULT_FRAMES})")
+    n.add_argument("--context", metavar="N,N,...", help=f"text cell lengths in tokens (default {NIAH_DEFAULT_CONTEXT})")
+    n.add_argument("--depths", default=NIAH_DEFAULT_DEPTHS, metavar="D,D,...", help="needle depths, percent")
+    n.add_argument("--distractors", type=int, default=0, help="text: distractor sentences with other cities")
+    n.add_argument("--preprocess", choices=["long-vita", "internvl"], help="preprocessing family (unset: the checkpoint's)")
+    n.add_argument("--out", default="longvita-niah", metavar="DIR",
+                   help="results.jsonl, results.csv, heatmap.png and the haystack feature cache")
+    n.add_argument("--resume", action="store_true", help="skip the cells already in DIR/results.jsonl")
+    n.add_argument("--seed", type=int, default=0, help="needles, haystack, distractors (and the random default model)")
+    n.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations")
+    n.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
+    n.add_argument("--json", action="store_true", help="print one JSON summary line (no progress bar)")
+    n.set_defaults(func=cmd_eval_niah)
     i = sub.add_parser("info", help="versions, devices, native extension and kernel backends", formatter_class=fmt)
     i.set_defaults(func=lambda args: print(info_text()) or 0)
     return p
+
+
+# ----------------------------------------------------------------------------------
+# eval niah
+# ----------------------------------------------------------------------------------
+
+NIAH_DEFAULT_FRAMES = "4,8,16,32"
+NIAH_DEFAULT_CONTEXT = "256,512,1024,2048"
+NIAH_DEFAULT_DEPTHS = "0,25,50,75,100"
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise CLIError(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def _depth_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"--depths: expected comma-separated percentages, got {text!r}") from None
+    if not values or any(not 0 <= v <= 100 for v in values):
+        raise CLIError(f"--depths: expected percentages in [0, 100], got {text!r}")
+    return values
+
+
+def check_niah_args(args) -> None:
+    """Everything checkable before torch loads; one line naming the flag."""
+    _check_model_dir(args.model)
+    if args.mode == "visual":
+        args.lengths = _int_list("--frames", args.frames or NIAH_DEFAULT_FRAMES)
+        if args.context:
+            raise CLIError("--context is for --mode text; the visual grid's lengths are --frames")
+    else:
+        args.lengths = _int_list("--context", args.context or NIAH_DEFAULT_CONTEXT)
+        if args.frames:
+            raise CLIError("--frames is for --mode visual; the text grid's lengths are --context")
+    args.depth_values = _depth_list(args.depths)
+    if args.haystack is not None and not os.path.exists(args.haystack):
+        raise CLIError(f"--haystack: {args.haystack!r} does not exist")
+    if args.needles is not None and not os.path.isfile(args.needles):
+        raise CLIError(f"--needles: {args.needles!r} is not a file")
+    if args.distractors < 0:
+        raise CLIError(f"--distractors must be >= 0, got {args.distractors}")
+    if args.num_needles < 1:
+        raise CLIError(f"--num-needles must be >= 1, got {args.num_needles}")
+    if args.mode == "text" and args.num_needles > 16:
+        raise CLIError(f"--num-needles: at most 16 generated text needles (one per city), got {args.num_needles}")
+
+
+def cmd_eval_niah(args) -> int:
+    check_niah_args(args)
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    rank, world = _maybe_init_distributed(torch, args.device)
+    if world > 1 and args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    try:
+        return _eval_niah(args, torch, rank, world)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _eval_niah(args, torch, rank: int, world: int) -> int:
+    from longvita.eval.niah import NiahGrid, default_needles, load_needles, run_niah, summary
+    from longvita.pipeline import load_pipeline
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    pipe = load_pipeline(args.model, dtype=dtype, device=args.device, seed=args.seed)
+    size = pipe.model.config.vision.image_size
+    grid = NiahGrid(args.mode, args.lengths, args.depth_values, args.distractors, args.seed)
+    if args.needles:
+        needles = load_needles(args.needles, args.mode, size)
+    else:
+        needles = default_needles(args.mode, args.num_needles, args.seed, size)
+    t0 = time.perf_counter()
+    rows = run_niah(pipe, grid, needles, args.out, haystack=args.haystack,
+                    preprocess=args.preprocess or pipe.model.config.preprocess, resume=args.resume,
+                    show_progress=not args.json)
+    result = summary(rows)
+    result.update(out=args.out, seconds=round(time.perf_counter() - t0, 3), world_size=world, model=pipe.source)
+    if rank == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            by = ", ".join(f"{k}: {v:.0%}" for k, v in result.get("by_length", {}).items())
+            print(f"{args.mode} NIAH: {result['cells']} cells, accuracy {result.get('accuracy', 0):.1%} ({by}); "
+                  f"table {os.path.join(args.out, 'results.jsonl')}, heatmap {os.path.join(args.out, 'heatmap.png')}")
+    return 0
 
 
 def _rank() -> int:

@@ -254,6 +254,7 @@ def build_conversation(
     *,
     tokens_per_tile: int,
     preprocess: str = DEFAULT_PREPROCESS,
+    pixels: bool = True,
 ) -> Conversation:
     """Lay out a whole ChatML conversation ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
     per turn, media laid out as ``build_inputs`` does, and mark the assistant targets.
@@ -262,6 +263,9 @@ def build_conversation(
         turns hold text only. An assistant turn's content is tokenised as its own run
         (the header before it and ``<|im_end|>`` after it are special-token boundaries
         anyway), so the target mask falls on token boundaries exactly.
+    ``pixels=False`` lays out the tokens only (``pixel_values`` None): for media whose
+    embeddings come from elsewhere (a cache), a video segment may then be a stand-in such
+    as ``torch.zeros(1, 3, S, S, dtype=torch.uint8).expand(F, -1, -1, -1)``.
     Raises InputError for an unknown role, media outside a user turn, or anything
     ``build_inputs`` rejects."""
     layout = _Layout(tokenizer, special, tokens_per_tile, preprocess)
@@ -292,4 +296,4 @@ def build_conversation(
             layout.text("<|im_end|>\n")
     mark(False)
     return Conversation(torch.tensor(layout.ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool),
-                        layout.pixel_values(), layout.spans)
+                        layout.pixel_values() if pixels else None, layout.spans)
