@@ -87,9 +87,34 @@ def _synthetic_image(seed: int, size: int = 96):
     return Image.fromarray(img.astype("uint8"), "RGB")
 
 
+def _demo_image(seed: int, size: int):
+    """The built-in example picture for the trained demo model: one coloured shape
+    (``longvita.data.demo``), drawn from ``seed``; ``demo_image_answer`` is its colour."""
+    import random
+
+    from longvita.data.demo import COLOURS, SHAPES, shape_image
+
+    rng = random.Random(f"generate-{seed}")
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    return shape_image(rng, colour, shape, size)
+
+
+def demo_image_answer(seed: int) -> str:
+    """The colour of ``_demo_image(seed)``: the right answer of the default generate."""
+    import random
+
+    from longvita.data.demo import COLOURS
+
+    return random.Random(f"generate-{seed}").choice(list(COLOURS))
+
+
 def _check_model_dir(model: str | None) -> None:
     """--model, when given, is a folder with a config.json (generate and train alike)."""
     if model is None:
+        return
+    from longvita.pipeline import TINY
+
+    if model == TINY and not os.path.isdir(model):  # the random tiny preset, by name
         return
     if not os.path.isdir(model):
         raise CLIError(f"--model {model}: checkpoint folder does not exist")
@@ -152,7 +177,8 @@ def cmd_generate(args) -> int:
 
 def _generate(args, torch, rank: int, world: int) -> int:
     from longvita.data import build_inputs, load_image, read_video, tile_image
-    from longvita.pipeline import load_pipeline
+    from longvita.data.demo import DEMO_QUESTION
+    from longvita.pipeline import DEFAULT_SOURCE, DEMO_SOURCE, load_pipeline
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     t0 = time.perf_counter()
@@ -169,8 +195,13 @@ def _generate(args, torch, rank: int, world: int) -> int:
         for path in args.image:
             image = load_image(path, image_size=size, max_num=args.max_tiles)
             segments.append(tile_image(image, image_size=size, max_num=args.max_tiles, preprocess=pre))
-    elif args.model is None and not args.video:
-        segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles, preprocess=pre))
+    elif pipe.source in (DEMO_SOURCE, DEFAULT_SOURCE) and not args.video:  # a built-in model: a built-in picture
+        if pipe.source == DEMO_SOURCE:  # the trained demo: a picture like those it learnt from
+            segments.append(tile_image(_demo_image(args.seed, size), image_size=size, max_num=args.max_tiles, preprocess=pre))
+        else:
+            segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles, preprocess=pre))
+    if args.prompt is None:
+        args.prompt = DEMO_QUESTION if pipe.source == DEMO_SOURCE and not args.video else "Describe the image."
     if args.video:
         # raw: frames stay uint8 (a quarter of float32) until the vision tower normalises a chunk
         video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre, raw=True)
@@ -304,6 +335,7 @@ def _maybe_init_distributed(torch, device: str):
 # ------------------------------------------------------------------------------ train
 
 TINY_SEQ_LEN = 256  # the tiny default model: a step takes about a second on a CPU
+DEMO_SAMPLES = 20000  # the demo recipe's generated training set (about a minute to write)
 
 
 # the train command's own flags a --config file may set too (a flag given on the command line wins)
@@ -332,7 +364,7 @@ def _train_recipe(args, config: dict):
     from longvita.train_recipe import apply_overrides, recipe
 
     r = recipe(args.stage, args.recipe)
-    if args.model is None:
+    if args.model is None and args.recipe != "demo":
         r = apply_overrides(r, {"seq_len": TINY_SEQ_LEN})
     if config:
         try:
@@ -412,8 +444,21 @@ def _train(args, recipe, torch, rank: int, world: int) -> int:
     from longvita.dist.trainer import Trainer, make_stream
     from longvita.pipeline import load_pipeline
 
-    pipe = load_pipeline(args.model, dtype=torch.float32, device=args.device, seed=args.seed)
+    demo = args.recipe == "demo"
+    model = args.model if args.model is not None or demo else "tiny"  # paper recipes: the tiny model by default
+    pipe = load_pipeline(model, dtype=torch.float32, device=args.device, seed=args.seed,
+                         untrained="demo" if demo and args.model is None else None)
     data = args.data
+    if data is None and demo:  # the generated demo set, written once by rank 0
+        data = os.path.join(args.out, "demo-data", "manifest.jsonl")
+        if rank == 0 and not os.path.isfile(data):
+            from longvita.data.demo import write_demo_dataset
+
+            write_demo_dataset(os.path.join(args.out, "demo-data"), DEMO_SAMPLES, args.seed)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
     if data is None:  # the synthetic set, written once by rank 0
         data = os.path.join(args.out, "synthetic", "manifest.jsonl")
         if rank == 0 and not os.path.isfile(data):
@@ -483,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="checkpoint folder (unset: the tiny preset with random weights from --seed)")
     g.add_argument("--image", nargs="+", metavar="F", help="image file(s), in order")
     g.add_argument("--video", metavar="F", help="video file (decoded at <= 1 frame per second)")
-    g.add_argument("--prompt", default="Describe the image.", help="user text")
+    g.add_argument("--prompt", help="user text (unset: the demo's question, or 'Describe the image.' for other models)")
     g.add_argument("--max-new-tokens", type=int, default=16, help="most tokens to generate")
     g.add_argument("--max-tiles", type=int, default=12, help="most tiles per image (dynamic tiling)")
     g.add_argument("--max-frames", type=int, default=4096, help="most video frames")
@@ -504,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one Long-VITA stage (recipe presets, CP + FSDP under torchrun)",
                        formatter_class=fmt)
     t.add_argument("--stage", type=int, choices=[1, 2, 3, 4], default=1, help="training stage (paper, Table 2)")
-    t.add_argument("--recipe", choices=["paper", "long-vita-release"], default="paper", help="preset set")
+    t.add_argument("--recipe", choices=["paper", "long-vita-release", "demo"], default="paper",
+                   help="preset set; demo: the demo model from scratch on generated data")
     t.add_argument("--model", help="checkpoint folder to start from (unset: the tiny preset, random weights from --seed)")
     t.add_argument("--data", metavar="MANIFEST", help="training manifest (.jsonl; unset: a synthetic set in OUT/synthetic)")
     t.add_argument("--steps", type=int, default=10, help="optimizer steps (the cosine schedule spans them)")
@@ -554,6 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     n.add_argument("--json", action="store_true", help="print one JSON summary line (no progress bar)")
     n.set_defaults(func=cmd_eval_niah)
+    d = esub.add_parser("demo", formatter_class=fmt, help="accuracy per task on held-out generated demo examples")
+    d.add_argument("--model", help="checkpoint folder (unset: the embedded default model)")
+    d.add_argument("--n", type=int, default=20, help="held-out examples per task")
+    d.add_argument("--tasks", metavar="T,T,...", help="tasks to ask (default: all; frame needs PyAV)")
+    d.add_argument("--seed", type=int, default=0, help="the held-out draw (never the training set's)")
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=cmd_eval_demo)
     i = sub.add_parser("info", help="versions, devices, native extension and kernel backends", formatter_class=fmt)
     i.set_defaults(func=lambda args: print(info_text()) or 0)
     return p
@@ -655,6 +709,42 @@ def _eval_niah(args, torch, rank: int, world: int) -> int:
             by = ", ".join(f"{k}: {v:.0%}" for k, v in result.get("by_length", {}).items())
             print(f"{args.mode} NIAH: {result['cells']} cells, accuracy {result.get('accuracy', 0):.1%} ({by}); "
                   f"table {os.path.join(args.out, 'results.jsonl')}, heatmap {os.path.join(args.out, 'heatmap.png')}")
+    return 0
+
+
+def cmd_eval_demo(args) -> int:
+    _check_model_dir(args.model)
+    if args.n < 1:
+        raise CLIError(f"--n must be >= 1, got {args.n}")
+    import torch
+    from tqdm.auto import tqdm
+
+    from longvita.data.demo import TASKS
+    from longvita.eval.demo import evaluate_demo
+    from longvita.pipeline import load_pipeline
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    tasks = None
+    if args.tasks:
+        tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise CLIError(f"--tasks: unknown task(s) {', '.join(bad) or '(none)'}; choose from {', '.join(TASKS)}")
+    pipe = load_pipeline(args.model, device=args.device, seed=args.seed)
+    t0 = time.perf_counter()
+    bar = tqdm(desc="eval demo", unit="example", disable=True if args.json else None)
+    result = evaluate_demo(pipe, args.n, args.seed, tasks, progress=bar.update)
+    bar.close()
+    summary = {t: round(r["accuracy"], 4) for t, r in result.items()}
+    if args.json:
+        print(json.dumps({"accuracy": summary, "n_per_task": args.n, "seed": args.seed, "model": pipe.source,
+                          "seconds": round(time.perf_counter() - t0, 2),
+                          "wrong": {t: r["wrong"] for t, r in result.items() if r["wrong"]}}))
+    else:
+        for t, r in result.items():
+            print(f"{t:10s} {r['accuracy']:7.1%}  ({r['n']} held-out examples)")
+        print(f"[model {pipe.source}; {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
 
 

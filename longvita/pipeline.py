@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -21,6 +22,14 @@ from longvita.model import LongVITA, preset
 __all__ = ["Pipeline", "bind_tokenizer", "load_pipeline", "random_demo_model"]
 
 DEFAULT_SOURCE = "tiny (random weights)"
+DEMO_SOURCE = "demo (trained, embedded)"
+TINY = "tiny"  # the name that always gives the random tiny model (tests), unless such a folder exists
+EMBEDDED_DEMO = Path(__file__).resolve().parent / "assets" / "demo"
+
+
+def embedded_demo_available() -> bool:
+    """Whether the package ships the trained demo model (``longvita/assets/demo``)."""
+    return (EMBEDDED_DEMO / "config.json").is_file() and (EMBEDDED_DEMO / "model.safetensors").is_file()
 
 
 @dataclass
@@ -72,18 +81,45 @@ def random_demo_model(vocab_size: int, seed: int = 0) -> LongVITA:
     return model
 
 
+def untrained_model(name: str, vocab_size: int, seed: int = 0) -> LongVITA:
+    """Preset ``name`` with the model's own initialisation from ``seed`` (what training
+    from scratch starts from, e.g. the ``demo`` recipe)."""
+    torch.manual_seed(seed)
+    config = preset(name)
+    config.text.vocab_size = vocab_size
+    return LongVITA(config)
+
+
 def load_pipeline(
     model_dir: str | os.PathLike | None = None,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    untrained: str | None = None,
 ) -> Pipeline:
     """Load a checkpoint folder (weights, config and ``tokenizer.json``), or with
-    ``model_dir=None`` the embedded default (the tiny preset with random weights from
-    ``seed`` and the built-in tokenizer). Weights are read first, so a broken checkpoint
-    is reported before a missing tokenizer."""
-    if model_dir is None:
+    ``model_dir=None`` the embedded default: the trained demo model the package ships
+    (``longvita/assets/demo``), else the tiny preset with random weights from ``seed``;
+    ``model_dir="tiny"`` always gives that random tiny model (tests). Weights are read
+    first, so a broken checkpoint is reported before a missing tokenizer. ``untrained="demo"`` (with ``model_dir=None``)
+    gives that preset freshly initialised from ``seed`` instead, for training from scratch."""
+    if model_dir is not None and os.fspath(model_dir) == TINY and not os.path.isdir(TINY):
+        model_dir, untrained = None, None
+        tiny = True
+    else:
+        tiny = False
+    if model_dir is None and not tiny and untrained is None and embedded_demo_available():
+        # the shipped demo (stored in fp16 to fit the package; computed in fp32 by default)
+        model = LongVITA.from_pretrained(str(EMBEDDED_DEMO), dtype=dtype or torch.float32, device=device)
+        tokenizer = load_tokenizer(str(EMBEDDED_DEMO))
+        special = bind_tokenizer(model, tokenizer)
+        return Pipeline(model, tokenizer, special, DEMO_SOURCE)
+    if model_dir is None and untrained is not None:
+        tokenizer = build_default_tokenizer()
+        model = untrained_model(untrained, tokenizer.get_vocab_size(), seed).to(device=device, dtype=dtype or torch.float32)
+        source = f"{untrained} (untrained)"
+    elif model_dir is None:
         tokenizer = build_default_tokenizer()
         model = random_demo_model(tokenizer.get_vocab_size(), seed)
         model = model.to(device=device, dtype=dtype or torch.float32)

@@ -13,6 +13,9 @@ Presets:
   attention and positions per sample in stages 1-2 (``reset=True``) and not in 3-4.
 - ``long-vita-release``: as ``paper``, but stages 3-4 at 5e-6 with the vision tower frozen
   (how the released checkpoints were trained for long context).
+- ``demo``: the demo model from scratch (``longvita train --recipe demo``): everything
+  trains at 1e-3 (100 warm-up steps, cosine to 5 %), 1,024-token packs, on the generated
+  demo set (``longvita.data.demo``).
 
 This module imports only the standard library (the CLI checks ``longvita train``'s
 arguments with it before torch loads); so does ``latest_checkpoint``, the run folder's
@@ -31,7 +34,8 @@ from typing import Any, Mapping
 __all__ = ["CHECKPOINT_DIR", "RECIPES", "StageRecipe", "apply_overrides", "latest_checkpoint", "load_config", "lr_factor",
            "recipe"]
 
-RECIPES = ("paper", "long-vita-release")
+RECIPES = ("paper", "long-vita-release", "demo")
+DEMO_SEQ_LEN = 1024
 CHECKPOINT_DIR = "checkpoints"  # OUT/checkpoints/step-NNNNNNN, each complete one holding a COMPLETE file
 SEQ_LEN = {1: 32 * 1024, 2: 16 * 1024, 3: 128 * 1024, 4: 1024 * 1024}
 
@@ -92,7 +96,7 @@ class StageRecipe:
 
 
 def recipe(stage: int, name: str = "paper") -> StageRecipe:
-    """The preset of ``stage`` (1-4) in recipe ``name`` (``paper`` or ``long-vita-release``)."""
+    """The preset of ``stage`` (1-4) in recipe ``name`` (``paper``, ``long-vita-release``, ``demo``)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     if stage not in SEQ_LEN:
@@ -104,6 +108,10 @@ def recipe(stage: int, name: str = "paper") -> StageRecipe:
     if name == "long-vita-release" and stage >= 3:
         r.train_vision = False
         r.lr_projector = r.lr_llm = 5e-6
+    if name == "demo":  # the demo model from scratch: everything trains, fast, short packs
+        r = StageRecipe(stage=stage, name=name, seq_len=DEMO_SEQ_LEN, reset=True, train_vision=True,
+                        train_projector=True, train_llm=True, lr_vision=1e-3, layer_decay=1.0, lr_projector=1e-3,
+                        lr_llm=1e-3, warmup_steps=100, min_lr_ratio=0.05, weight_decay=0.01, beta2=0.98)
     return r.validate()
 
 
