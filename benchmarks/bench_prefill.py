@@ -499,7 +499,11 @@ def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 
                 case = ring_case(cfg, n, p)
                 block = {}
                 for kind in KINDS:
-                    block[kind] = time_ms(setup_block(case, kind, False, device=s.device), s, case.local_tokens())
+                    # warm-up run included (tokens=0): a ring block is one attention call,
+                    # affordable at any length, and its kernel variants are compiled by no
+                    # earlier part. Timed once without it, the first P (2) carried a Triton
+                    # compile: an H100 run predicted P=2 slower than P=1 (RESULTS.md).
+                    block[kind] = time_ms(setup_block(case, kind, False, device=s.device), s, 0)
                     free_memory(s.device)
                 comm = case.kv_bytes_fwd() / (link_gbps * 1e9) * 1e3
                 pred = cp_predicted_ms(dense, layers, case, block, comm)

@@ -41,8 +41,27 @@ def test_shared_memory_fits_h100(report):
     assert not too_big
 
 
+_KIND = {"_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "dkdv", "_bwd_dq_kernel": "dq"}
+# The attention configs measured fastest on an H100 (tune_attention.py, RESULTS.md) spill a
+# little (ptxas, sm_90: forward D128 44-60 bytes, dK/dV D128 12-180, dK/dV D64 causal 72)
+# and still beat every non-spilling candidate there, so they may; within this bound, which
+# a codegen regression would pass.
+_MEASURED_SPILL_BOUND = 256
+
+
+def _measured(c) -> bool:
+    from longvita.kernels.varlen_attention_triton import _MEASURED_16BIT
+
+    d = next((int(w[1:]) for w in c["case"].split() if w[:1] == "d" and w[1:].isdigit()), None)
+    return (_KIND.get(c["kernel"]), d) in _MEASURED_16BIT and "window" not in c["case"]
+
+
 def test_no_register_spills_in_main_configs(report):
     # bf16/fp16 are the speed paths; fp32 (exact "ieee" dots, for tests) may spill
-    spills = [c for c in report["compiled"] if c["spill_stores"] and "float32" not in c["case"]]
+    main = [c for c in report["compiled"] if "float32" not in c["case"]]
+    spills = [c for c in main if c["spill_stores"] and not _measured(c)]
     assert not spills, spills
+    over = [c for c in main if _measured(c) and c["spill_stores"] > _MEASURED_SPILL_BOUND]
+    assert not over, over
+    assert any(_measured(c) for c in main)  # the exemption names configs that exist
     assert all(c["registers"] is not None for c in report["compiled"])

@@ -293,3 +293,27 @@ def test_text_haystack_folder_and_missing(tmp_path, pipe):
     (tmp_path / "empty").mkdir()
     with pytest.raises(Exception, match="no .txt or .md"):
         TextHaystack(pipe.tokenizer, tmp_path / "empty", seed=0)
+
+
+def test_video_folder_haystack_reads_files_in_turn_and_keys_the_cache(tmp_path, pipe):
+    """A folder of videos at 1 fps, read in name order until the grid has its frames; the
+    feature cache's key changes with the files (a replaced video is re-encoded)."""
+    pytest.importorskip("av")
+    from _dist import write_mp4
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_mp4(folder / "a.mp4", n_frames=3, fps=1, seed=1)
+    write_mp4(folder / "b.mp4", n_frames=4, fps=1, seed=2)
+    size = pipe.model.config.vision.image_size
+    hay = VideoHaystack(folder, 5, size, "long-vita")
+    assert hay.tiles.shape == (5, 3, size, size) and hay.tiles.dtype == torch.uint8
+    assert len(hay.key_parts) == 2  # 3 frames of a.mp4, then 2 of b.mp4
+    key = hay.cache_key(pipe.model)
+    write_mp4(folder / "b.mp4", n_frames=4, fps=1, seed=3, width=66)
+    assert VideoHaystack(folder, 5, size, "long-vita").cache_key(pipe.model) != key
+    with pytest.raises(Exception, match="gives 7 frames"):
+        VideoHaystack(folder, 9, size, "long-vita")
+    rows = run_niah(pipe, NiahGrid("visual", [4], [50]), make_visual_needles(1, size=size), tmp_path / "o",
+                    haystack=str(folder), show_progress=False)
+    assert len(rows) == 1 and rows[0]["frames"] == 4
