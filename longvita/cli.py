@@ -157,8 +157,12 @@ def check_generate_args(args) -> None:
         raise CLIError(f"--device must be cpu or cuda[:N], got {args.device!r}")
 
 
-def cmd_generate(args) -> int:
-    check_generate_args(args)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _on_ranks(args, body) -> int:
+    """``body(args, torch, rank, world)`` in the process group torchrun set up (every rank
+    one context-parallel group, one GPU per rank), or alone; the group is torn down after."""
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -167,7 +171,7 @@ def cmd_generate(args) -> int:
     if world > 1 and args.device == "cuda":  # one GPU per rank
         args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     try:
-        return _generate(args, torch, rank, world)
+        return body(args, torch, rank, world)
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -175,12 +179,17 @@ def cmd_generate(args) -> int:
             dist.destroy_process_group()
 
 
+def cmd_generate(args) -> int:
+    check_generate_args(args)
+    return _on_ranks(args, _generate)
+
+
 def _generate(args, torch, rank: int, world: int) -> int:
     from longvita.data import build_inputs, load_image, read_video, tile_image
     from longvita.data.demo import DEMO_QUESTION
     from longvita.pipeline import DEFAULT_SOURCE, DEMO_SOURCE, load_pipeline
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # one of DTYPES
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device, seed=args.seed)
     model, cfg = pipe.model, pipe.model.config
@@ -542,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cp", type=int, metavar="N",
                    help="context-parallel ranks; must equal the torchrun world size (unset: all of them)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (and the random default model's weights)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations")
+    g.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=cmd_generate)
@@ -596,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results.jsonl, results.csv, heatmap.png and the haystack feature cache")
     n.add_argument("--resume", action="store_true", help="skip the cells already in DIR/results.jsonl")
     n.add_argument("--seed", type=int, default=0, help="needles, haystack, distractors (and the random default model)")
-    n.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights and activations")
+    n.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
     n.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
     n.add_argument("--json", action="store_true", help="print one JSON summary line (no progress bar)")
     n.set_defaults(func=cmd_eval_niah)
@@ -668,27 +677,14 @@ def check_niah_args(args) -> None:
 
 def cmd_eval_niah(args) -> int:
     check_niah_args(args)
-    import torch
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
-    rank, world = _maybe_init_distributed(torch, args.device)
-    if world > 1 and args.device == "cuda":
-        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    try:
-        return _eval_niah(args, torch, rank, world)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    return _on_ranks(args, _eval_niah)
 
 
 def _eval_niah(args, torch, rank: int, world: int) -> int:
     from longvita.eval.niah import NiahGrid, default_needles, load_needles, run_niah, summary
     from longvita.pipeline import load_pipeline
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = getattr(torch, args.dtype)  # one of DTYPES
     pipe = load_pipeline(args.model, dtype=dtype, device=args.device, seed=args.seed)
     size = pipe.model.config.vision.image_size
     grid = NiahGrid(args.mode, args.lengths, args.depth_values, args.distractors, args.seed)

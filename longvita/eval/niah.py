@@ -91,6 +91,19 @@ class CellInputs:
 # ----------------------------------------------------------------------------------
 
 
+def _haystack_files(path, suffixes: tuple[str, ...]) -> list[Path]:
+    """One file, or a folder's files with these suffixes in name order."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    if not p.is_dir():
+        raise InputError(f"--haystack {str(p)!r} does not exist")
+    files = sorted(f for f in p.iterdir() if f.suffix.lower() in suffixes)
+    if not files:
+        raise InputError(f"--haystack folder {str(p)!r} holds no {' or '.join(suffixes)} files")
+    return files
+
+
 class TextHaystack:
     """Token ids of a text haystack: the files of a folder (sorted, ``.txt``/``.md``), one
     file, or generated filler (``path=None``)."""
@@ -103,15 +116,7 @@ class TextHaystack:
                 text += " " + filler_text(min_tokens - len(ids) + 100, seed + len(ids))
                 ids = tokenizer.encode(text, add_special_tokens=False).ids
         else:
-            p = Path(path)
-            if p.is_dir():
-                files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".txt", ".md"))
-                if not files:
-                    raise InputError(f"--haystack folder {str(p)!r} holds no .txt or .md files")
-            elif p.is_file():
-                files = [p]
-            else:
-                raise InputError(f"--haystack {str(p)!r} does not exist")
+            files = _haystack_files(path, (".txt", ".md"))
             text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
             ids = tokenizer.encode(text, add_special_tokens=False).ids
             self.source = ",".join(str(f) for f in files)
@@ -132,14 +137,7 @@ class VideoHaystack:
         from longvita.data.video import read_video
 
         p = Path(path)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
-            if not files:
-                raise InputError(f"--haystack folder {str(p)!r} holds no video files ({', '.join(VIDEO_SUFFIXES)})")
-        elif p.is_file():
-            files = [p]
-        else:
-            raise InputError(f"--haystack {str(p)!r} does not exist")
+        files = _haystack_files(p, VIDEO_SUFFIXES)
         chunks, parts, have = [], [], 0
         for f in files:
             if have >= n_frames:
