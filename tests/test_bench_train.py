@@ -3,8 +3,6 @@ writes JSON that make_results.py reads, with every row and sane numbers."""
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,8 @@ sys.path.insert(0, str(BENCH))
 import bench_train as bt  # noqa: E402
 from make_results import to_markdown  # noqa: E402
 
+from _bench import cpu_smoke_payload  # noqa: E402
+
 IMPLS = [
     "stage 3 without activation checkpointing",
     "stage 3 with activation checkpointing",
@@ -27,14 +27,7 @@ IMPLS = [
 
 @pytest.fixture(scope="module")
 def payload(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "train.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(BENCH.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--cpu-smoke", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=600, cwd=BENCH.parent)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with open(out) as f:
-        return json.load(f)
+    return cpu_smoke_payload("bench_train.py", tmp_path_factory.mktemp("bench") / "train.json")
 
 
 def _finite_positive(x):
