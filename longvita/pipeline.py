@@ -87,7 +87,7 @@ def untrained_model(name: str, vocab_size: int, seed: int = 0) -> LongVITA:
     torch.manual_seed(seed)
     config = preset(name)
     config.text.vocab_size = vocab_size
-    return LongVITA(config)
+    return LongVITA(config).init_weights()
 
 
 def load_pipeline(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from longvita.cli import demo_image_answer, main
-from longvita.data.demo import TASKS, demo_examples, make_example, write_demo_dataset
+from longvita.data.demo import TASK_WEIGHTS, TASKS, demo_examples, make_example, write_demo_dataset
 from longvita.pipeline import DEMO_SOURCE, EMBEDDED_DEMO, embedded_demo_available, load_pipeline
 
 @pytest.fixture(autouse=True)
@@ -41,19 +42,101 @@ def _digest(folder) -> str:
 
 
 def test_dataset_is_deterministic_and_covers_every_task(tmp_path):
-    a = write_demo_dataset(tmp_path / "a", 14, seed=3)
-    b = write_demo_dataset(tmp_path / "b", 14, seed=3)
+    n = sum(TASK_WEIGHTS.values())  # one cycle of the task schedule
+    a = write_demo_dataset(tmp_path / "a", n, seed=3, warmup=0)
+    b = write_demo_dataset(tmp_path / "b", n, seed=3, warmup=0)
     assert a.read_text() == b.read_text()
     assert _digest(tmp_path / "a" / "media") == _digest(tmp_path / "b" / "media")
     records = [json.loads(line) for line in a.read_text().splitlines()]
     want = set(TASKS) if _have_av() else set(TASKS) - {"frame"}
     assert {r["source"].removeprefix("demo-") for r in records} == want
     for r in records:
-        assert r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant"
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
         n_media = r["messages"][0]["content"].count("<image>") + r["messages"][0]["content"].count("<video>")
         assert n_media == len(r.get("images", [])) + len(r.get("videos", []))
-    c = write_demo_dataset(tmp_path / "c", 14, seed=4)
+        assert all("<image>" not in m["content"] for m in r["messages"][1:])  # follow-ups ask about the same media
+    c = write_demo_dataset(tmp_path / "c", n, seed=4, warmup=0)
     assert c.read_text() != a.read_text()
+
+
+def _digest_of(media, manifest) -> str:
+    """_digest of the media files ``manifest`` names, read from ``media``."""
+    h = hashlib.sha256()
+    names = sorted({Path(p).name for r in map(json.loads, manifest.read_text().splitlines()) for p in r.get("images", [])})
+    for name in names:
+        h.update(name.encode())
+        h.update((media / name).read_bytes())
+    return h.hexdigest()
+
+
+def test_dataset_follows_the_task_weights(tmp_path):
+    weights = {"colour": 1, "count": 3, "retrieval": 2}
+    records = [json.loads(line) for line in
+               write_demo_dataset(tmp_path, 12, seed=0, weights=weights, videos=False, warmup=0).read_text().splitlines()]
+    got = {}
+    for r in records:
+        got[r["source"].removeprefix("demo-")] = got.get(r["source"].removeprefix("demo-"), 0) + 1
+    assert got == {t: 2 * w for t, w in weights.items()}
+    with pytest.raises(ValueError, match="unknown task"):
+        write_demo_dataset(tmp_path / "x", 2, weights={"colour": 1, "nope": 1})
+    with pytest.raises(ValueError, match="no task"):
+        write_demo_dataset(tmp_path / "y", 2, weights={"frame": 1}, videos=False)
+    with pytest.raises(ValueError, match="warmup"):
+        write_demo_dataset(tmp_path / "z", 2, warmup=-1)
+
+
+def test_dataset_is_a_curriculum_read_in_order(tmp_path):
+    """The set opens with the copy warm-up, then cycles of the task weights (each cycle
+    shuffled); `train --recipe demo` reads it in the file's order."""
+    from longvita.data.demo import WARMUP_TASK
+    from longvita.dist.trainer import make_stream
+
+    weights = {"colour": 1, "repeat": 1, "retrieval": 1}
+    manifest = write_demo_dataset(tmp_path, 10, seed=0, weights=weights, videos=False, warmup=4)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    tasks = [r["source"].removeprefix("demo-") for r in records]
+    assert tasks[:4] == [WARMUP_TASK] * 4
+    assert sorted(tasks[4:7]) == sorted(tasks[7:10]) == sorted(weights)
+    pipe = load_pipeline("tiny")
+    firsts = [r["messages"][0]["content"] for r in records]
+    for in_order in (True, False):
+        stream = make_stream(manifest, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=64, reset=True,
+                             in_order=in_order)
+        seen = [stream.mixture.next().messages[0]["content"] for _ in range(10)]
+        assert (seen == firsts) == in_order
+    # a shorter set is the longer one's beginning (the recipe's first steps need only that)
+    short = write_demo_dataset(tmp_path / "short", 6, seed=0, weights=weights, videos=False, warmup=4)
+    assert manifest.read_text().splitlines()[:6] == short.read_text().splitlines()
+    assert _digest(tmp_path / "short" / "media") == _digest_of(tmp_path / "media", short)
+
+
+def test_retrieval_is_the_niah_text_needle():
+    """The demo's retrieval task asks LongVA's needle exactly as `eval niah --mode text`
+    builds it, so the NIAH grid on the demo model measures retrieval, not format."""
+    import random
+    import re
+
+    from longvita.eval.needles import make_text_needles
+
+    needle = make_text_needles(1, seed=5)[0]
+    pattern = re.compile(r"The special magic (\w+) number is: (\d{7})\.")
+    assert pattern.fullmatch(needle.sentence)
+    rng = random.Random(0)
+    distracted = 0
+    for _ in range(60):
+        ex = make_example(rng, "retrieval")
+        found = dict(pattern.findall(ex.question))
+        city = re.search(r"(?:magic (\w+) number\?|magic (\w+) number\.|number for (\w+)\?)", ex.question.rsplit("\n", 1)[1])
+        asked = next(g for g in city.groups() if g)
+        assert found[asked] == ex.answer and not ex.followups
+        distracted += len(found) > 1
+    assert 5 <= distracted <= 30  # a quarter have one or two other cities' numbers
+    for _ in range(30):  # training form: every needle asked once, in its own turn
+        ex = make_example(rng, "retrieval", train=True)
+        found = dict(pattern.findall(ex.question))
+        asked = [ex.answer] + [a for _, a in ex.followups]
+        assert sorted(asked) == sorted(found.values()) and 1 <= len(asked) <= 3
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -75,15 +158,76 @@ def test_examples_have_checkable_answers(task):
             px = [torch.from_numpy(__import__("numpy").asarray(f)).flatten() for f in ex.frames]
             assert all(torch.equal(px[same[0]], px[i]) for i in same) and not torch.equal(px[odd], px[same[0]])
         if task == "retrieval":
-            assert f"is {ex.answer}." in ex.question
+            assert f"number is: {ex.answer}." in ex.question and len(ex.answer) == 7
+        if task == "repeat":
+            assert ex.question.endswith(": " + ex.answer) and 3 <= len(ex.answer) <= 20
+
+
+@pytest.mark.parametrize("task", ["colour", "shape", "count", "which"])
+def test_training_follow_ups_ask_about_the_same_media_without_giving_answers_away(task):
+    """Training conversations ask more about the same picture(s) (every answer is right
+    for the media drawn) and never ask what an earlier turn already said."""
+    import random
+    import re
+
+    from longvita.data.demo import COLOURS, ORDINALS, SHAPES
+
+    rng = random.Random(11)
+    asked = 0
+    for _ in range(80):
+        ex = make_example(rng, task, train=True)
+        said = set(re.findall(r"\w+", (ex.question + " " + ex.answer).lower()))
+        for question, answer in ex.followups:
+            assert answer.lower() not in said and answer.lower() + "s" not in said, (ex.question, ex.followups)
+            said |= set(re.findall(r"\w+", (question + " " + answer).lower()))
+            assert answer in COLOURS or answer in SHAPES or answer.isdigit(), answer
+            if task == "which":  # the image the follow-up names is really that colour / shape
+                nth = next(i for i, o in enumerate(ORDINALS) if f" {o} " in question)
+                img = ex.images[nth]
+                if answer in COLOURS:
+                    px = torch.from_numpy(__import__("numpy").asarray(img).copy()).view(-1, 3).float()
+                    dist = (px - torch.tensor(COLOURS[answer], dtype=torch.float32)).abs().sum(1)
+                    assert int((dist < 10).sum()) > 200  # the shape's colour covers part of the picture
+            asked += 1
+        held = make_example(random.Random(rng.random()), task)
+        assert not held.followups  # held-out examples ask one question
+    assert asked >= 40
 
 
 def test_held_out_examples_are_not_the_training_draw(tmp_path):
-    manifest = write_demo_dataset(tmp_path, 40, seed=0, videos=False)
+    manifest = write_demo_dataset(tmp_path, 40, seed=0, videos=False, warmup=0)
     train = {json.loads(line)["messages"][0]["content"].split("\n", 1)[-1] for line in manifest.read_text().splitlines()
              if "retrieval" in line}
     held = {ex.question for ex in demo_examples(5, 0, ("retrieval",))}
     assert not train & held
+
+
+def test_demo_starts_from_a_scratch_initialisation():
+    """Training from scratch starts from small weights (N(0, 0.02)), not PyTorch's N(0, 1)
+    embeddings, and residual outputs are scaled down by depth."""
+    from longvita.pipeline import untrained_model
+
+    model = untrained_model("demo", 268, seed=0)
+    layers = len(model.text.layers)
+    assert model.text.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.text.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.text.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / (2 * layers) ** 0.5, rel=0.05)
+    assert model.vision.pos_embed.std().item() == pytest.approx(0.02, rel=0.1)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert biases and all(not b.any() for b in biases)
+    again = untrained_model("demo", 268, seed=0)
+    assert torch.equal(model.text.embed_tokens.weight, again.text.embed_tokens.weight)
+
+
+def test_demo_recipe_defaults_to_its_full_length():
+    from longvita.cli import DEFAULT_STEPS, DEMO_STEPS, build_parser, check_train_args
+
+    args = build_parser().parse_args(["train", "--recipe", "demo", "--out", "/nonexistent/demo-run"])
+    check_train_args(args)
+    assert args.steps == DEMO_STEPS
+    args = build_parser().parse_args(["train", "--out", "/nonexistent/run"])
+    check_train_args(args)
+    assert args.steps == DEFAULT_STEPS
 
 
 def test_eval_demo_cli_runs(capsys):

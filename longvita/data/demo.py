@@ -9,7 +9,10 @@ Tasks (``TASKS``), each asked in several phrasings as users would ask them:
 - ``which``: two or three images; "Which image shows the red circle?" -> first/second/third
 - ``frame``: a short clip (mp4, needs PyAV) whose frames repeat one image except one that
   differs; "Which frame is different?" -> 1..4 (skipped without PyAV)
-- ``retrieval``: a key-value sentence hidden in filler text, asked back at the end
+- ``repeat``: a short random string said back ("Repeat after me: 4polkhq")
+- ``retrieval``: LongVA's needle "The special magic {city} number is: {7 digits}." hidden in
+  filler prose up to the trained length (a quarter with other cities' numbers as
+  distractors), asked back at the end: the format of ``longvita eval niah --mode text``
 
 ``write_demo_dataset(folder, n, seed)`` writes a training manifest (see
 ``longvita.data.training``); ``demo_examples(n, seed)`` gives held-out examples in memory
@@ -21,25 +24,39 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["TASKS", "DemoExample", "demo_examples", "write_demo_dataset", "DEMO_IMAGE_SIZE", "DEMO_QUESTION"]
+from longvita.data.needle_text import CITIES, filler_text, magic_number, magic_sentence
+
+__all__ = ["TASKS", "TASK_WEIGHTS", "WARMUP_SAMPLES", "WARMUP_TASK", "DemoExample", "demo_examples", "write_demo_dataset", "DEMO_IMAGE_SIZE", "DEMO_QUESTION"]
 
 DEMO_IMAGE_SIZE = 112
-TASKS = ("colour", "shape", "count", "text", "which", "frame", "retrieval")
+TASKS = ("colour", "shape", "count", "text", "which", "frame", "retrieval", "repeat")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (35, 80, 230), "yellow": (235, 215, 20),
            "purple": (140, 40, 185), "orange": (245, 135, 20), "white": (250, 250, 250), "black": (12, 12, 12)}
 SHAPES = ("circle", "square", "triangle", "star")
 TEXTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "cat", "sun", "box", "map", "owl", "pen")
 ORDINALS = ("first", "second", "third")
-KEYS = ("falcon", "harbor", "maple", "comet", "violet", "walrus", "canyon", "ember", "glacier", "lotus",
-        "meadow", "nebula", "orchid", "pepper", "quartz", "raven", "saffron", "tundra", "willow", "zephyr")
-_FILLER = ("the", "river", "ran", "past", "old", "stone", "walls", "and", "quiet", "fields", "while", "birds",
-           "sang", "over", "green", "hills", "in", "soft", "morning", "light", "people", "walked", "to", "town")
+
+# Samples of each task per cycle of the training set. Weighted by what a task costs to
+# learn, not evenly: a retrieval sample is ~4x the tokens of a one-image sample, reading
+# text and counting need more examples than colour, and ``repeat`` (short strings said
+# back) is there for retrieval: its dense copy targets start the attention circuits that
+# copying the needle's number needs (retrieval data alone did not start them in 700 steps).
+TASK_WEIGHTS = {"colour": 1, "shape": 2, "count": 3, "text": 8, "which": 1, "frame": 1, "retrieval": 2, "repeat": 2}
+
+# The curriculum's warm-up: the training set opens with this many samples of short
+# strings said back. Copying (the attention circuit retrieval needs: previous-token and
+# induction heads) forms within ~400 steps when packs are dense with copy targets, but
+# not in 2,000 steps of the full mix, where they are a few percent of the tokens; once it
+# exists, retrieval is learnt in a few hundred steps. About 450 steps of the recipe.
+WARMUP_TASK = "repeat"
+WARMUP_SAMPLES = 8000
 
 # The built-in example: what `longvita generate` asks about its generated image.
 DEMO_QUESTION = "What colour is the shape?"
@@ -55,8 +72,19 @@ _TEXT_Q = ("What is written in the image?", "What does the image say?", "Read th
            "Which word or digit is shown?", "What text is shown?")
 _WHICH_Q = ("Which image shows the {colour} {shape}?", "Which image has the {colour} {shape}?",
             "In which image is the {colour} {shape}?", "Which picture shows the {colour} {shape}?")
+_COUNT_COLOUR_Q = ("What colour are the shapes?", "What color are the shapes?", "Which colour are they?")
+_COUNT_SHAPE_Q = ("Which shape is drawn?", "What shape are they?", "What kind of shape is shown?")
+_NTH_COLOUR_Q = ("What colour is the shape in the {nth} image?", "What color is the shape in the {nth} image?")
+_NTH_SHAPE_Q = ("Which shape is in the {nth} image?", "What shape does the {nth} image show?")
 _FRAME_Q = ("Which frame is different?", "Which frame differs from the others?", "Which frame is the odd one out?")
-_RETRIEVAL_Q = ("What is the code for {key}?", "What is the secret code for {key}?", "Tell me the code for {key}.")
+_RETRIEVAL_Q = ("What is the special magic {city} number?", "What is the special magic {city} number?",
+                "What is the magic number for {city}?", "Tell me the special magic {city} number.",
+                "Which number is the special magic {city} number?")
+_REPEAT_Q = ("Repeat this exactly: {s}", "Copy this: {s}", "Say it back: {s}", "Repeat after me: {s}")
+_REPEAT_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+_DISTRACTOR_P = 0.25  # share of retrieval haystacks holding one or two other cities' numbers
+# the longest retrieval haystack: about 880 byte tokens, so the sample fills a 1,024-token pack
+MAX_FILLER_WORDS = 125
 
 
 @dataclass
@@ -68,6 +96,7 @@ class DemoExample:
     answer: str
     images: list = field(default_factory=list)
     frames: list = field(default_factory=list)  # the clip's frames (task 'frame')
+    followups: list = field(default_factory=list)  # more (question, answer) turns (training retrieval)
 
 
 def _background(rng: random.Random, size: int, avoid: tuple | None = None) -> Image.Image:
@@ -99,10 +128,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
                        cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)], fill=fill)
 
 
+def _jitter(rng: random.Random, size: int) -> int:
+    return rng.randint(-size // 16, size // 16)
+
+
 def shape_image(rng: random.Random, colour: str, shape: str, size: int = DEMO_IMAGE_SIZE) -> Image.Image:
     img = _background(rng, size, COLOURS[colour])
-    side = rng.randrange(size // 2, size * 4 // 5)
-    x0, y0 = rng.randrange(0, size - side + 1), rng.randrange(0, size - side + 1)
+    side = rng.randrange(size * 11 // 16, size * 13 // 16 + 1)
+    x0, y0 = (size - side) // 2 + _jitter(rng, size), (size - side) // 2 + _jitter(rng, size)
     _draw_shape(ImageDraw.Draw(img), shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
     return img
 
@@ -113,9 +146,9 @@ def _count_image(rng: random.Random, n: int, colour: str, shape: str, size: int)
     cells = rng.sample(range(4), n)  # a 2x2 grid of places: shapes never overlap
     half = size // 2
     for c in cells:
-        side = rng.randrange(half * 5 // 10, half * 8 // 10)
-        x0 = (c % 2) * half + rng.randrange(0, half - side + 1)
-        y0 = (c // 2) * half + rng.randrange(0, half - side + 1)
+        side = rng.randrange(half * 6 // 10, half * 8 // 10 + 1)
+        x0 = (c % 2) * half + (half - side) // 2 + rng.randint(-half // 10, half // 10)
+        y0 = (c // 2) * half + (half - side) // 2 + rng.randint(-half // 10, half // 10)
         _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
     return img
 
@@ -125,32 +158,86 @@ def _text_image(rng: random.Random, text: str, size: int) -> Image.Image:
     img = Image.new("RGB", (size, size), (20, 20, 20) if dark else (240, 240, 240))
     draw = ImageDraw.Draw(img)
     try:
-        font = ImageFont.load_default(size=size // 2 if len(text) == 1 else size // 3)
+        font = ImageFont.load_default(size=size * 3 // 5 if len(text) == 1 else size * 2 // 5)
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     l, t, r, b = draw.textbbox((0, 0), text, font=font)
-    dx = rng.randrange(-size // 10, size // 10 + 1)
-    dy = rng.randrange(-size // 10, size // 10 + 1)
+    dx, dy = rng.randint(-size // 24, size // 24), rng.randint(-size // 24, size // 24)
     draw.text(((size - (r - l)) / 2 - l + dx, (size - (b - t)) / 2 - t + dy), text,
               fill=(240, 240, 240) if dark else (15, 15, 15), font=font)
     return img
 
 
-def _filler(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(_FILLER) for _ in range(n_words))
+def _follow(rng: random.Random, ex: DemoExample, turns: list, keep: tuple | None = None) -> None:
+    """Append training follow-up turns about the same media, in random order, each kept
+    with its probability in ``keep`` (default all) and only when its answer is not already
+    in the conversation (a question naming the shape would give the shape away)."""
+    turns = [t for i, t in enumerate(turns) if keep is None or rng.random() < keep[i]]
+    rng.shuffle(turns)
+    said = set(re.findall(r"\w+", (ex.question + " " + ex.answer).lower()))
+    for question, answer in turns:
+        if not {answer.lower(), answer.lower() + "s"} & said:
+            ex.followups.append((question, answer))
+            said |= set(re.findall(r"\w+", (question + " " + answer).lower()))
 
 
-def make_example(rng: random.Random, task: str, size: int = DEMO_IMAGE_SIZE, max_filler_words: int = 120) -> DemoExample:
-    """One example of ``task`` drawn from ``rng``."""
+def _insert(text: str, piece: str, at: int) -> str:
+    return text[:at] + " " + piece + " " + text[at:]
+
+
+def _retrieval_example(rng: random.Random, max_filler_words: int, train: bool = False) -> DemoExample:
+    # Lengths lean short (words = max * u**3): the copy is learnt cheaply on short
+    # haystacks and then holds across the whole trained length. Needles go in at character
+    # offsets, as the NIAH grid inserts them at byte-token offsets (mid-word too).
+    # Held-out: one needle, a quarter of the time with one or two other cities' numbers as
+    # distractors. Training: one to three needles, every one asked in its own turn, so a
+    # haystack's tokens pay for up to three answers and the city must always be matched.
+    words = round(max_filler_words * rng.random() ** 3)
+    text = filler_text(words, rng.random()) if words else ""
+    if train:
+        cities = rng.sample(CITIES, rng.choice((1, 2, 2, 3)))
+        asked = len(cities)
+    else:
+        cities = rng.sample(CITIES, 1 + (rng.choice((1, 2)) if rng.random() < _DISTRACTOR_P else 0))
+        asked = 1
+    numbers = [magic_number(rng) for _ in cities]
+    # offsets drawn in the filler, needles inserted from the back: none lands inside another
+    spots = sorted((rng.randrange(len(text) + 1) for _ in cities), reverse=True)
+    for at, city, number in zip(spots, cities, numbers):
+        text = _insert(text, magic_sentence(city, number), at)
+    turns = []
+    for city, number in list(zip(cities, numbers))[:asked]:
+        question = rng.choice(_RETRIEVAL_Q).format(city=city)
+        if rng.random() < 0.5:
+            question += " Answer with the number only."
+        turns.append((question, number))
+    rng.shuffle(turns)
+    (question, answer), followups = turns[0], turns[1:]
+    return DemoExample("retrieval", text.strip() + "\n" + question, answer, followups=followups)
+
+
+def make_example(rng: random.Random, task: str, size: int = DEMO_IMAGE_SIZE,
+                 max_filler_words: int = MAX_FILLER_WORDS, train: bool = False) -> DemoExample:
+    """One example of ``task`` drawn from ``rng`` (``train``: the training form, see
+    ``_retrieval_example``)."""
     if task in ("colour", "shape"):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         img = shape_image(rng, colour, shape, size)
         q = rng.choice(_COLOUR_Q if task == "colour" else _SHAPE_Q).format(shape=shape)
-        return DemoExample(task, q, colour if task == "colour" else shape, [img])
+        ex = DemoExample(task, q, colour if task == "colour" else shape, [img])
+        if train:  # every attribute of the picture, so its tokens serve several answers
+            _follow(rng, ex, [(rng.choice(_SHAPE_Q), shape), (rng.choice(_COLOUR_Q).format(shape=shape), colour),
+                              (rng.choice(_COUNT_Q).format(shape=shape), "1")], keep=(1.0, 1.0, 0.3))
+        return ex
     if task == "count":
         n, colour, shape = rng.randint(1, 4), rng.choice(list(COLOURS)), rng.choice(SHAPES)
         q = rng.choice(_COUNT_Q).format(shape=shape)
-        return DemoExample(task, q, str(n), [_count_image(rng, n, colour, shape, size)])
+        ex = DemoExample(task, q, str(n), [_count_image(rng, n, colour, shape, size)])
+        if train:
+            many = "s are" if n > 1 else " is"
+            _follow(rng, ex, [(rng.choice(_COUNT_COLOUR_Q).format(many=many), colour),
+                              (rng.choice(_COUNT_SHAPE_Q).format(many=many), shape)])
+        return ex
     if task == "text":
         text = rng.choice(TEXTS)
         return DemoExample(task, rng.choice(_TEXT_Q), text, [_text_image(rng, text, size)])
@@ -161,7 +248,12 @@ def make_example(rng: random.Random, task: str, size: int = DEMO_IMAGE_SIZE, max
         images = [shape_image(rng, c, s, size) for c, s in pairs]
         colour, shape = pairs[target]
         q = rng.choice(_WHICH_Q).format(colour=colour, shape=shape) + " Answer " + " or ".join(ORDINALS[:k]) + "."
-        return DemoExample(task, q, ORDINALS[target], images)
+        ex = DemoExample(task, q, ORDINALS[target], images)
+        if train:  # what another image shows
+            other = rng.randrange(k)
+            _follow(rng, ex, [(rng.choice(_NTH_COLOUR_Q).format(nth=ORDINALS[other]), pairs[other][0]),
+                              (rng.choice(_NTH_SHAPE_Q).format(nth=ORDINALS[other]), pairs[other][1])])
+        return ex
     if task == "frame":
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         other = rng.choice([c for c in COLOURS if c != colour])
@@ -172,18 +264,25 @@ def make_example(rng: random.Random, task: str, size: int = DEMO_IMAGE_SIZE, max
         m = size // 8
         _draw_shape(draw, rng.choice(SHAPES), (m, m, size - m, size - m), COLOURS[other])
         return DemoExample(task, rng.choice(_FRAME_Q) + " Answer with its number.", str(odd + 1), frames=frames)
-    if task == "retrieval":
-        key, value = rng.choice(KEYS), str(rng.randrange(1000, 10000))
-        words = rng.randrange(10, max_filler_words + 1)
-        at = rng.randrange(words + 1)
-        before, after = _filler(rng, at), _filler(rng, words - at)
-        text = f"{before} The code for {key} is {value}. {after}".strip()
-        return DemoExample(task, text + "\n" + rng.choice(_RETRIEVAL_Q).format(key=key), value)
+    if task == "repeat":  # copy a random string: every answer token is a copy (see TASK_WEIGHTS)
+        # short strings: a copy circuit forms on short ones within a few hundred steps and
+        # then serves retrieval at any distance; strings of up to 48 bytes did not start it
+        text = "".join(rng.choice(_REPEAT_CHARS) for _ in range(rng.randrange(3, 21)))
+        return DemoExample(task, rng.choice(_REPEAT_Q).format(s=text), text)
+    if task == "retrieval":  # LongVA's text needle in filler prose: what `eval niah --mode text` asks
+        return _retrieval_example(rng, max_filler_words, train)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
-def _tasks(videos: bool) -> tuple[str, ...]:
-    return TASKS if videos else tuple(t for t in TASKS if t != "frame")
+def _schedule(weights: dict[str, int], videos: bool) -> list[str]:
+    """One cycle of training tasks: each task ``weights[task]`` times (the Mixture shuffles)."""
+    bad = set(weights) - set(TASKS)
+    if bad:
+        raise ValueError(f"weights name unknown task(s) {sorted(bad)}; tasks are {TASKS}")
+    cycle = [t for t in TASKS for _ in range(int(weights.get(t, 0))) if videos or t != "frame"]
+    if not cycle:
+        raise ValueError(f"weights select no task: {weights}")
+    return cycle
 
 
 def _have_av() -> bool:
@@ -219,19 +318,38 @@ def _write_clip(path: Path, frames: list, fps: int = 1) -> None:
             container.mux(packet)
 
 
+def _curriculum(rng: random.Random, n_samples: int, warmup: int, weights: dict[str, int], videos: bool) -> list[str]:
+    """The task of every sample, in training order: ``warmup`` samples of ``WARMUP_TASK``,
+    then cycles of ``weights`` (each cycle shuffled)."""
+    cycle = _schedule(weights, videos)
+    order = [WARMUP_TASK] * min(warmup, n_samples)
+    while len(order) < n_samples:
+        rng.shuffle(cycle)
+        order += cycle
+    return order[:n_samples]
+
+
 def write_demo_dataset(folder: str | Path, n_samples: int, seed: int = 0, *, videos: bool | None = None,
-                       size: int = DEMO_IMAGE_SIZE) -> Path:
-    """Write ``n_samples`` training conversations (tasks in turn) and their media under
-    ``folder``; returns ``folder/manifest.jsonl``. Same seed, same files."""
+                       size: int = DEMO_IMAGE_SIZE, weights: dict[str, int] | None = None,
+                       warmup: int = WARMUP_SAMPLES) -> Path:
+    """Write ``n_samples`` training conversations and their media under ``folder``; returns
+    ``folder/manifest.jsonl``. The manifest is in training order (a curriculum, read in
+    order by ``longvita train --recipe demo``): first ``warmup`` samples of the copy task
+    (``WARMUP_TASK``), then tasks in the proportions of ``weights`` (default
+    ``TASK_WEIGHTS``; ``frame`` needs PyAV). Same arguments, same files."""
     if videos is None:
         videos = _have_av()
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     folder = Path(folder)
     (folder / "media").mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"demo-train-{seed}")
-    tasks = _tasks(videos)
+    # the order from its own generator: the first k samples are the same whatever n_samples is
+    tasks = _curriculum(random.Random(f"demo-order-{seed}"), n_samples, warmup,
+                        TASK_WEIGHTS if weights is None else weights, videos)
     lines = []
     for i in range(n_samples):
-        ex = make_example(rng, tasks[i % len(tasks)], size)
+        ex = make_example(rng, tasks[i], size, train=True)
         record: dict = {"source": f"demo-{ex.task}"}
         if ex.frames:
             rel = f"media/{i:06d}.mp4"
@@ -249,6 +367,8 @@ def write_demo_dataset(folder: str | Path, n_samples: int, seed: int = 0, *, vid
         else:
             content = ex.question
         record["messages"] = [{"role": "user", "content": content}, {"role": "assistant", "content": ex.answer}]
+        for question, answer in ex.followups:
+            record["messages"] += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         lines.append(json.dumps(record))
     manifest = folder / "manifest.jsonl"
     tmp = manifest.with_suffix(".jsonl.tmp")

@@ -394,12 +394,19 @@ class Trainer:
         return folder
 
 
-def make_stream(manifest: str | os.PathLike, tokenizer, special, config, *, seq_len: int, reset: bool, seed: int = 0):
+def make_stream(manifest: str | os.PathLike, tokenizer, special, config, *, seq_len: int, reset: bool, seed: int = 0,
+                in_order: bool = False):
     """A ``PackStream`` over one manifest's samples (one source per sample ``source``),
-    tiled and tokenised the way ``config`` (a model's ``LongVITAConfig``) expects."""
+    tiled and tokenised the way ``config`` (a model's ``LongVITAConfig``) expects.
+    ``in_order``: the samples in the manifest's own order, every epoch (a manifest written
+    as a curriculum, as the demo set is), instead of a seeded shuffle per epoch."""
     from longvita.data.training import MediaConfig, Mixture, PackStream, read_manifest
 
     media = MediaConfig(tokens_per_tile=config.tokens_per_tile, image_size=config.vision.image_size,
                         preprocess=config.preprocess)
-    mixture = Mixture.from_samples(read_manifest(manifest), seed=seed)
+    samples = read_manifest(manifest)
+    if in_order:  # one source keeps the file's order (sources are otherwise laid out one after another)
+        mixture = Mixture({"manifest": samples}, seed=seed, shuffle=False)
+    else:
+        mixture = Mixture.from_samples(samples, seed=seed)
     return PackStream(mixture, tokenizer, seq_len, media, reset=reset, special=special)

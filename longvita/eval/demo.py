@@ -58,7 +58,9 @@ def evaluate_demo(pipe, n_per_task: int = 20, seed: int = 0, tasks: tuple[str, .
     examples = demo_examples(n_per_task, seed, tasks, size=pipe.model.config.vision.image_size)
     right, wrong = defaultdict(int), defaultdict(list)
     for ex in examples:
-        got = answer(pipe, ex)
+        # room for the whole answer and a few tokens more: an answer that runs on is wrong
+        budget = len(pipe.tokenizer.encode(ex.answer, add_special_tokens=False).ids) + 4
+        got = answer(pipe, ex, max_new_tokens=budget)
         if got == ex.answer:
             right[ex.task] += 1
         else:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from longvita.data.needle_text import CITIES, filler_text, magic_number, magic_question, magic_sentence
+
 __all__ = [
     "VisualNeedle", "TextNeedle", "make_visual_needles", "make_text_needles", "filler_text",
     "synthetic_haystack_frames", "NEEDLE_KINDS",
@@ -26,13 +28,6 @@ _WORDS = ("apple", "river", "zebra", "piano", "lemon", "tiger", "cloud", "rocket
 _COLOURS = {"red": (215, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 215), "yellow": (235, 215, 25),
             "purple": (135, 40, 175), "orange": (240, 130, 20), "black": (15, 15, 15), "white": (245, 245, 245)}
 _SHAPES = ("circle", "square", "triangle", "star")
-_CITIES = ("Chicago", "Lisbon", "Nairobi", "Osaka", "Lima", "Oslo", "Cairo", "Perth", "Quito", "Hanoi",
-           "Dublin", "Denver", "Seoul", "Porto", "Accra", "Riga")
-_FILLER_WORDS = (
-    "the", "a", "river", "morning", "quietly", "walked", "over", "hills", "and", "market", "stories", "old",
-    "garden", "between", "light", "people", "long", "road", "under", "trees", "bright", "window", "city",
-    "slowly", "music", "across", "evening", "small", "boats", "harbour", "winter", "paper", "many", "years",
-)
 
 
 @dataclass(frozen=True)
@@ -118,38 +113,22 @@ def make_visual_needles(n: int, seed: int = 0, size: int = 448, kinds: tuple[str
 
 def make_text_needles(n: int, seed: int = 0) -> list[TextNeedle]:
     """``n`` needles with distinct cities and 7-digit numbers (LongVA's text NIAH)."""
-    if not 1 <= n <= len(_CITIES):
-        raise ValueError(f"n must be in [1, {len(_CITIES)}], got {n}")
+    if not 1 <= n <= len(CITIES):
+        raise ValueError(f"n must be in [1, {len(CITIES)}], got {n}")
     rng = random.Random(seed)
-    cities = rng.sample(_CITIES, n)
+    cities = rng.sample(CITIES, n)
     needles = []
     for i, city in enumerate(cities):
-        number = str(rng.randrange(1_000_000, 10_000_000))
-        needles.append(TextNeedle(
-            f"{city.lower()}-{i}", f"The special magic {city} number is: {number}.",
-            f"What is the special magic {city} number?", number,
-        ))
+        number = magic_number(rng)
+        needles.append(TextNeedle(f"{city.lower()}-{i}", magic_sentence(city, number), magic_question(city), number))
     return needles
 
 
 def distractors(needle: TextNeedle, count: int, seed: int) -> list[str]:
     """``count`` sentences like the needle's with other cities and numbers."""
     rng = random.Random(f"{seed}-{needle.id}")
-    others = [c for c in _CITIES if c not in needle.sentence]
-    return [f"The special magic {city} number is: {rng.randrange(1_000_000, 10_000_000)}."
-            for city in rng.sample(others, min(count, len(others)))]
-
-
-def filler_text(n_words: int, seed: int = 0) -> str:
-    """Deterministic filler prose of ``n_words`` words in sentences."""
-    rng = random.Random(seed)
-    sentences, left = [], n_words
-    while left > 0:
-        k = min(left, rng.randrange(6, 14))
-        words = [rng.choice(_FILLER_WORDS) for _ in range(k)]
-        sentences.append(" ".join(words).capitalize() + ".")
-        left -= k
-    return " ".join(sentences)
+    others = [c for c in CITIES if c not in needle.sentence]
+    return [magic_sentence(city, magic_number(rng)) for city in rng.sample(others, min(count, len(others)))]
 
 
 def synthetic_haystack_frames(n: int, size: int, seed: int = 0) -> list[Image.Image]:
