@@ -216,7 +216,9 @@ def _generate(args, torch, rank: int, world: int) -> int:
         video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre, raw=True)
         segments.append(video.pixel_values)
         frames = video.indices
-    segments.append(args.prompt)
+    # media then a newline then the question: "<image>\n{question}", as both families (and
+    # the training manifests, longvita.data.training) lay a user turn out
+    segments.append("\n" + args.prompt if segments else args.prompt)
     prompt = build_inputs(pipe.tokenizer, pipe.special, segments, tokens_per_tile=cfg.tokens_per_tile, preprocess=pre)
     n_prompt = int(prompt.input_ids.numel())
     limit = cfg.text.max_position_embeddings

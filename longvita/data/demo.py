@@ -48,7 +48,7 @@ ORDINALS = ("first", "second", "third")
 # text and counting need more examples than colour, and ``repeat`` (short strings said
 # back) is there for retrieval: its dense copy targets start the attention circuits that
 # copying the needle's number needs (retrieval data alone did not start them in 700 steps).
-TASK_WEIGHTS = {"colour": 1, "shape": 2, "count": 3, "text": 8, "which": 1, "frame": 1, "retrieval": 2, "repeat": 2}
+TASK_WEIGHTS = {"colour": 1, "shape": 3, "count": 5, "text": 5, "which": 1, "frame": 1, "retrieval": 3, "repeat": 1}
 
 # The curriculum's warm-up: the training set opens with this many samples of short
 # strings said back. Copying (the attention circuit retrieval needs: previous-token and
