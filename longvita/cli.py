@@ -346,7 +346,7 @@ def _maybe_init_distributed(torch, device: str):
 # ------------------------------------------------------------------------------ train
 
 TINY_SEQ_LEN = 256  # the tiny default model: a step takes about a second on a CPU
-DEMO_SAMPLES = 50000  # the demo recipe's generated training set: one pass of the default run (~45 s to write)
+DEMO_SAMPLES = 52000  # the demo recipe's generated training set: one pass of the default run (~50 s to write)
 DEMO_STEPS = 6500  # the demo recipe's length: with the data, under 30 minutes on 2 CPU cores
 DEFAULT_STEPS = 10
 
@@ -521,6 +521,10 @@ def _train(args, recipe, torch, rank: int, world: int) -> int:
 # ------------------------------------------------------------------------------ main
 
 
+_MODEL_HELP = ("checkpoint folder, or 'tiny' (the tiny preset with random weights from --seed); unset: the embedded "
+               "default, the trained demo model the package ships (else the tiny preset)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error rule: one line on stderr (not the usage block)."""
 
@@ -543,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="longvita", description="Long-VITA vision-language models at 128K-1M tokens", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     g = sub.add_parser("generate", help="generate text from images/video and a prompt", formatter_class=fmt)
-    g.add_argument("--model", help="checkpoint folder (unset: the tiny preset with random weights from --seed)")
+    g.add_argument("--model", help=_MODEL_HELP)
     g.add_argument("--image", nargs="+", metavar="F", help="image file(s), in order")
     g.add_argument("--video", metavar="F", help="video file (decoded at <= 1 frame per second)")
     g.add_argument("--prompt", help="user text (unset: the demo's question, or 'Describe the image.' for other models)")
@@ -569,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stage", type=int, choices=[1, 2, 3, 4], default=1, help="training stage (paper, Table 2)")
     t.add_argument("--recipe", choices=["paper", "long-vita-release", "demo"], default="paper",
                    help="preset set; demo: the demo model from scratch on generated data")
-    t.add_argument("--model", help="checkpoint folder to start from (unset: the tiny preset, random weights from --seed)")
+    t.add_argument("--model", help="checkpoint folder to start from (unset: the tiny preset, random weights from --seed; "
+                   "--recipe demo: the demo preset from scratch)")
     t.add_argument("--data", metavar="MANIFEST", help="training manifest (.jsonl; unset: a synthetic set in OUT/synthetic)")
     t.add_argument("--steps", type=int, help=f"optimizer steps (the cosine schedule spans them; default {DEMO_STEPS} "
                    f"for --recipe demo, else {DEFAULT_STEPS})")
@@ -599,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     n = esub.add_parser("niah", formatter_class=fmt,
                         help="needle-in-a-haystack grid, teacher-forced, context-parallel under torchrun")
     n.add_argument("--mode", choices=["visual", "text"], default="visual", help="V-NIAH (frames) or text NIAH (tokens)")
-    n.add_argument("--model", help="checkpoint folder (unset: the tiny preset with random weights from --seed)")
+    n.add_argument("--model", help=_MODEL_HELP)
     n.add_argument("--haystack", metavar="PATH",
                    help="visual: a video file or a folder of videos (1 fps); text: a text file or a folder of .txt/.md "
                         "(unset: generated frames / filler)")
@@ -621,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--json", action="store_true", help="print one JSON summary line (no progress bar)")
     n.set_defaults(func=cmd_eval_niah)
     d = esub.add_parser("demo", formatter_class=fmt, help="accuracy per task on held-out generated demo examples")
-    d.add_argument("--model", help="checkpoint folder (unset: the embedded default model)")
+    d.add_argument("--model", help=_MODEL_HELP)
     d.add_argument("--n", type=int, default=20, help="held-out examples per task")
     d.add_argument("--tasks", metavar="T,T,...", help="tasks to ask (default: all; frame needs PyAV)")
     d.add_argument("--seed", type=int, default=0, help="the held-out draw (never the training set's)")

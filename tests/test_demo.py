@@ -123,20 +123,20 @@ def test_retrieval_is_the_niah_text_needle():
     pattern = re.compile(r"The special magic (\w+) number is: (\d{7})\.")
     assert pattern.fullmatch(needle.sentence)
     rng = random.Random(0)
-    distracted = 0
-    for _ in range(60):
+    for _ in range(60):  # held-out: LongVA's task, one needle, asked as the NIAH cell asks it
         ex = make_example(rng, "retrieval")
         found = dict(pattern.findall(ex.question))
         city = re.search(r"(?:magic (\w+) number\?|magic (\w+) number\.|number for (\w+)\?)", ex.question.rsplit("\n", 1)[1])
         asked = next(g for g in city.groups() if g)
-        assert found[asked] == ex.answer and not ex.followups
-        distracted += len(found) > 1
-    assert 5 <= distracted <= 30  # a quarter have one or two other cities' numbers
-    for _ in range(30):  # training form: every needle asked once, in its own turn
+        assert list(found) == [asked] and found[asked] == ex.answer and not ex.followups
+    two = 0
+    for _ in range(60):  # training: a third hold a second city's needle, every needle asked once
         ex = make_example(rng, "retrieval", train=True)
         found = dict(pattern.findall(ex.question))
         asked = [ex.answer] + [a for _, a in ex.followups]
-        assert sorted(asked) == sorted(found.values()) and 1 <= len(asked) <= 3
+        assert sorted(asked) == sorted(found.values()) and 1 <= len(asked) <= 2
+        two += len(asked) == 2
+    assert 8 <= two <= 35
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -268,14 +268,18 @@ def test_shipped_weights_are_small_and_load():
 
 @needs_demo
 def test_shipped_weights_accuracy_on_held_out_examples():
+    """The issue's tasks on a small fixed held-out draw (never the training draw): the
+    shipped model answers them as its recorded accuracy says (a seconds-long check)."""
     from longvita.eval.demo import evaluate_demo
 
     pipe = load_pipeline(None)
-    tasks = tuple(t for t in TASKS if t != "frame" or _have_av())
-    result = evaluate_demo(pipe, n_per_task=6, seed=7, tasks=tasks)
+    result = evaluate_demo(pipe, n_per_task=8, seed=7, tasks=("colour", "shape", "count", "text", "retrieval"))
     acc = {t: r["accuracy"] for t, r in result.items()}
-    # 6 examples a task: a 95 % model gets them all about 74 % of the time; allow one miss
-    assert all(a >= 5 / 6 for a in acc.values()), acc
+    # 8 examples a task: targets are 95 % (colour, shape, count) and 90 % (text, retrieval);
+    # one miss in 8 is what a model at the target can show
+    assert all(a >= 7 / 8 for a in acc.values()), acc
+    recorded = json.loads((EMBEDDED_DEMO / "train_log.json").read_text())["held_out"]["accuracy"]
+    assert all(recorded[t] >= (0.95 if t in ("colour", "shape", "count") else 0.9) for t in acc), recorded
 
 
 @needs_demo
@@ -287,10 +291,15 @@ def test_default_generate_gives_the_right_answer(capsys, seed):
 
 
 @needs_demo
-def test_recipe_reproduces_the_recorded_first_losses(tmp_path, capsys):
+def test_recipe_reproduces_the_recorded_first_losses(tmp_path, monkeypatch, capsys):
     """`longvita train --recipe demo` from the same seed: its first 20 losses are those of
-    the run that produced the shipped weights (train_log.json beside them)."""
+    the run that produced the shipped weights (train_log.json beside them). The generated
+    set is read in order and its first samples do not depend on its size, so writing the
+    first 1,000 (the 20 steps use ~350) gives the recorded run's packs in a second."""
+    import longvita.cli as cli
+
     log = json.loads((EMBEDDED_DEMO / "train_log.json").read_text())
+    monkeypatch.setattr(cli, "DEMO_SAMPLES", 1000)
     assert main(["train", "--recipe", "demo", "--steps", "20", "--seed", str(log["seed"]), "--out", str(tmp_path), "--json"]) == 0
     losses = [json.loads(line)["loss"] for line in capsys.readouterr().out.strip().splitlines()]
     # the first 20 steps do not depend on the run's length: 100 warm-up steps, same packs

@@ -31,7 +31,7 @@ def _torch_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def pipe():
-    return load_pipeline(None, seed=3)
+    return load_pipeline("tiny", seed=3)
 
 
 def _enc(pipe, text):
@@ -185,7 +185,7 @@ def test_cached_features_score_like_recomputed_pixels(pipe, tmp_path):
 
 def _grid_on_ranks(rank, world, out, mode):
     torch.manual_seed(0)
-    p = load_pipeline(None, seed=3)
+    p = load_pipeline("tiny", seed=3)
     if mode == "text":
         grid, needles = NiahGrid("text", [150, 301], [0, 60]), make_text_needles(2, seed=1)
     else:

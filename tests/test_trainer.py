@@ -118,7 +118,7 @@ def test_stage1_trains_only_the_projector(tmp_path):
     from longvita.data.synthetic import write_synthetic_dataset
     from longvita.pipeline import load_pipeline
 
-    pipe = load_pipeline(None, seed=1)
+    pipe = load_pipeline("tiny", seed=1)
     before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     manifest = write_synthetic_dataset(tmp_path / "data", 16, 1, image_size=pipe.model.config.vision.image_size)
     r = apply_overrides(recipe(1), {"seq_len": 200, "warmup_steps": 0})
@@ -312,7 +312,7 @@ def test_fsdp_step_with_and_without_media(tmp_path):
     rows += [{"source": "text", "messages": [text, {"role": "assistant", "content": "done " * 20}]}] * 6
     mixed = manifest.parent / "mixed.jsonl"  # media paths are relative to the manifest
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pipe = load_pipeline(None)
+    pipe = load_pipeline("tiny")
     stream = trainer_mod.make_stream(mixed, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=int(SEQ),
                                      reset=True)
     has_media = [stream.next_pack().pixel_values is not None for _ in range(8)]

@@ -160,6 +160,75 @@ def test_rows_past_end_are_zero(small_blocks):
         torch.testing.assert_close(g[:n], r, rtol=1e-12, atol=1e-12)
 
 
+# ---------------------------------------------------------------------------------------
+# The fast path: torch's fused attention for packed self-attention without an LSE
+# ---------------------------------------------------------------------------------------
+
+SDPA_LENS = [0, 1, 7, 7, 7, 13, 0, 31, 2, 2]  # runs of equal lengths (one batch each), zero-length docs, primes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hq,hkv", [(40, 8), (16, 16)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_path_matches_the_reference(dtype, hq, hkv, causal, monkeypatch):
+    """Output and gradients of the fast path against float64: computed in fp32, so fp32 is
+    within 1e-5 and bf16/fp16 are off only by their final rounding (one ulp of the largest
+    value); rows past cu_seqlens[-1] hold NaN inputs and still give 0 and zero gradients."""
+    q, k, v, cu, _ = _inputs(SDPA_LENS, SDPA_LENS, hq, hkv, 24, dtype, extra_q=3, extra_k=3)
+    n = sum(SDPA_LENS)
+    q[n:], k[n:], v[n:] = math.nan, math.nan, math.nan
+    dout = torch.randn_like(q)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    import importlib
+
+    va = importlib.import_module("longvita.kernels.varlen_attention")  # the package exports a function of that name
+    calls = []
+    monkeypatch.setattr(va, "varlen_attention_sdpa", lambda *a: calls.append(1) or vat.varlen_attention_sdpa(*a))
+    out = varlen_attention(*leaves, cu, cu, 31, 31, causal=causal, backend="torch")
+    assert calls == [1], "the fast path did not run"
+    grads = torch.autograd.grad(out, leaves, dout)
+    q64, k64, v64 = (t[:n].double() for t in (q, k, v))
+    r_out, r_lse = ref.varlen_attention_fwd_reference(q64, k64, v64, cu, cu, None, causal)
+    r_grads = ref.varlen_attention_bwd_reference(dout[:n].double(), q64, k64, v64, r_out, r_lse, cu, cu, None, causal)
+    for name, a, b in [("out", out, r_out)] + list(zip(("dq", "dk", "dv"), grads, r_grads)):
+        assert a.dtype == dtype and not torch.isnan(a).any(), name
+        assert torch.equal(a[n:], torch.zeros_like(a[n:])), f"{name}: rows past the end"
+        top = b.abs().max().item()
+        bound = 1e-5 * top if dtype == torch.float32 else torch.finfo(dtype).eps * top
+        err = (a[:n].double() - b).abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > {bound:.3g}"
+
+
+def test_sdpa_path_runs_only_where_it_computes_the_same(monkeypatch):
+    """The fast path takes packed self-attention without an LSE; an LSE, a window, queries
+    against a longer cache, float64 and documents over SDPA_MAX_SEQLEN run the blocked loop."""
+    import importlib
+
+    va = importlib.import_module("longvita.kernels.varlen_attention")  # the package exports a function of that name
+    ran = []
+    real_sdpa, real_loop = va.varlen_attention_sdpa, va.varlen_attention_fwd_torch
+    monkeypatch.setattr(va, "varlen_attention_sdpa", lambda *a: ran.append("sdpa") or real_sdpa(*a))
+    monkeypatch.setattr(va, "varlen_attention_fwd_torch", lambda *a: ran.append("loop") or real_loop(*a))
+    q, k, v, cu, _ = _inputs([5, 9], [5, 9], 4, 2, 16, torch.float32)
+
+    def which(**kw):
+        ran.clear()
+        args = kw.pop("args", (q, k, v, cu, cu, 9, 9))
+        varlen_attention(*args, causal=True, backend="torch", **kw)
+        return ran[0]
+
+    assert which() == "sdpa"
+    assert which(return_lse=True) == "loop"
+    assert which(window_size=(3, -1)) == "loop"
+    assert which(args=(q.double(), k.double(), v.double(), cu, cu, 9, 9)) == "loop"
+    cu_k = _cu([5, 9]) + torch.tensor([0, 0, 0], dtype=torch.int32)
+    assert which(args=(q, k, v, cu, cu_k, 9, 9)) == "sdpa"  # equal offsets, another tensor
+    qd, kd, vd, cq, ck = _inputs([1], [14], 4, 2, 16, torch.float32)
+    assert which(args=(qd, kd, vd, cq, ck, 1, 14)) == "loop"  # a decode row against a cache
+    monkeypatch.setattr(vat, "SDPA_MAX_SEQLEN", 8)
+    assert which() == "loop"
+
+
 def test_autograd_through_public_function(small_blocks):
     small_blocks(16, 16, 4)
     q, k, v, cu_q, cu_k = _inputs(LENS, LENS, 4, 2, 16)

@@ -11,13 +11,24 @@ Tasks (``TASKS``), each asked in several phrasings as users would ask them:
   differs; "Which frame is different?" -> 1..4 (skipped without PyAV)
 - ``repeat``: a short random string said back ("Repeat after me: 4polkhq")
 - ``retrieval``: LongVA's needle "The special magic {city} number is: {7 digits}." hidden in
-  filler prose up to the trained length (a quarter with other cities' numbers as
-  distractors), asked back at the end: the format of ``longvita eval niah --mode text``
+  filler prose up to the trained length, asked back at the end: the format of
+  ``longvita eval niah --mode text``
 
 ``write_demo_dataset(folder, n, seed)`` writes a training manifest (see
 ``longvita.data.training``); ``demo_examples(n, seed)`` gives held-out examples in memory
 (question, images/frames, answer) for ``longvita eval demo``. Answers are canonical
 (``colour`` answers use the British spelling whatever the question said).
+
+What makes the recipe fit 30 minutes of 2 CPU cores (each measured, benchmarks/RESULTS.md):
+
+- a curriculum: the set opens with ``WARMUP_SAMPLES`` copy samples (``WARMUP_TASK``), then
+  cycles of ``TASK_WEIGHTS``, and the recipe reads it in order;
+- training conversations ask follow-up questions about the same picture (its colour,
+  shape, count), so one image's tokens pay for two or three answers; held-out examples
+  ask one question;
+- shapes and text sit near the middle of the picture (a few pixels of jitter, sizes in a
+  narrow band): a ViT trained from scratch has no translation invariance to start from,
+  and with free placement it learnt shapes at half the rate.
 """
 
 from __future__ import annotations
@@ -33,7 +44,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from longvita.data.needle_text import CITIES, filler_text, magic_number, magic_sentence
 
-__all__ = ["TASKS", "TASK_WEIGHTS", "WARMUP_SAMPLES", "WARMUP_TASK", "DemoExample", "demo_examples", "write_demo_dataset", "DEMO_IMAGE_SIZE", "DEMO_QUESTION"]
+__all__ = ["TASKS", "TASK_WEIGHTS", "WARMUP_SAMPLES", "WARMUP_TASK", "DemoExample", "demo_examples", "write_demo_dataset",
+           "DEMO_IMAGE_SIZE", "DEMO_QUESTION"]
 
 DEMO_IMAGE_SIZE = 112
 TASKS = ("colour", "shape", "count", "text", "which", "frame", "retrieval", "repeat")
@@ -43,12 +55,13 @@ SHAPES = ("circle", "square", "triangle", "star")
 TEXTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "cat", "sun", "box", "map", "owl", "pen")
 ORDINALS = ("first", "second", "third")
 
-# Samples of each task per cycle of the training set. Weighted by what a task costs to
-# learn, not evenly: a retrieval sample is ~4x the tokens of a one-image sample, reading
-# text and counting need more examples than colour, and ``repeat`` (short strings said
-# back) is there for retrieval: its dense copy targets start the attention circuits that
-# copying the needle's number needs (retrieval data alone did not start them in 700 steps).
-TASK_WEIGHTS = {"colour": 1, "shape": 3, "count": 5, "text": 5, "which": 1, "frame": 1, "retrieval": 3, "repeat": 1}
+# Samples of each task per cycle of the training set, after the warm-up. Weighted by what
+# a task costs to learn, not evenly: colour is learnt first and from every follow-up,
+# reading text takes the most examples and trains the vision tower for the other tasks
+# too (a run with text cut from 40 % to 25 % of the samples lost 34 points of text and 20
+# of shape), counting is next, a retrieval sample is ~3x the tokens of a one-image sample,
+# and ``repeat`` keeps the warm-up's copy circuit in use.
+TASK_WEIGHTS = {"colour": 2, "shape": 4, "count": 7, "text": 12, "which": 1, "frame": 1, "retrieval": 3, "repeat": 2}
 
 # The curriculum's warm-up: the training set opens with this many samples of short
 # strings said back. Copying (the attention circuit retrieval needs: previous-token and
@@ -82,7 +95,6 @@ _RETRIEVAL_Q = ("What is the special magic {city} number?", "What is the special
                 "Which number is the special magic {city} number?")
 _REPEAT_Q = ("Repeat this exactly: {s}", "Copy this: {s}", "Say it back: {s}", "Repeat after me: {s}")
 _REPEAT_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
-_DISTRACTOR_P = 0.25  # share of retrieval haystacks holding one or two other cities' numbers
 # the longest retrieval haystack: about 880 byte tokens, so the sample fills a 1,024-token pack
 MAX_FILLER_WORDS = 125
 
@@ -146,7 +158,7 @@ def _count_image(rng: random.Random, n: int, colour: str, shape: str, size: int)
     cells = rng.sample(range(4), n)  # a 2x2 grid of places: shapes never overlap
     half = size // 2
     for c in cells:
-        side = rng.randrange(half * 6 // 10, half * 8 // 10 + 1)
+        side = rng.randrange(half * 7 // 10, half * 8 // 10 + 1)  # narrow: areas of n and n+1 shapes do not overlap
         x0 = (c % 2) * half + (half - side) // 2 + rng.randint(-half // 10, half // 10)
         y0 = (c // 2) * half + (half - side) // 2 + rng.randint(-half // 10, half // 10)
         _draw_shape(draw, shape, (x0, y0, x0 + side, y0 + side), COLOURS[colour])
@@ -189,17 +201,13 @@ def _retrieval_example(rng: random.Random, max_filler_words: int, train: bool = 
     # Lengths lean short (words = max * u**3): the copy is learnt cheaply on short
     # haystacks and then holds across the whole trained length. Needles go in at character
     # offsets, as the NIAH grid inserts them at byte-token offsets (mid-word too).
-    # Held-out: one needle, a quarter of the time with one or two other cities' numbers as
-    # distractors. Training: one to three needles, every one asked in its own turn, so a
-    # haystack's tokens pay for up to three answers and the city must always be matched.
+    # Held-out: LongVA's needle task, one needle. Training: a third of the haystacks hold a
+    # second city's needle, each asked in its own turn, so the city must be matched; that
+    # harder form (`eval niah --distractors N`) is measured apart, it has no target here.
     words = round(max_filler_words * rng.random() ** 3)
     text = filler_text(words, rng.random()) if words else ""
-    if train:
-        cities = rng.sample(CITIES, rng.choice((1, 2, 2, 3)))
-        asked = len(cities)
-    else:
-        cities = rng.sample(CITIES, 1 + (rng.choice((1, 2)) if rng.random() < _DISTRACTOR_P else 0))
-        asked = 1
+    cities = rng.sample(CITIES, rng.choice((1, 1, 2)) if train else 1)
+    asked = len(cities)
     numbers = [magic_number(rng) for _ in cities]
     # offsets drawn in the filler, needles inserted from the back: none lands inside another
     spots = sorted((rng.randrange(len(text) + 1) for _ in cities), reverse=True)

@@ -17,6 +17,14 @@ batched matmul, and dK / dV of a K/V head sum over its group inside that matmul.
 
 Key blocks that no row of a query block can see (causal, window) are never visited, and
 the mask is built only for blocks cut by the diagonal or a window edge.
+
+``varlen_attention_sdpa`` is the CPU fast path for the commonest call, packed
+self-attention that needs no LSE (training packs, ViT tiles, a prompt's prefill): per
+document (consecutive documents of one length in one batch, as a ViT's tiles are) it calls
+torch's fused attention, ``F.scaled_dot_product_attention``, whose CPU flash kernel does
+forward and backward 2.5-6x faster than the loop here (benchmarks/RESULTS.md), in fp32 as
+this file accumulates. Everything else (an LSE, windows, queries against a longer cache,
+float64, documents over ``SDPA_MAX_SEQLEN``) runs the blocked loop.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 # Score elements (heads x query rows x keys) of one block pair: 2^22 fp32 = 16 MiB, with a
 # few temporaries of that size per step. Query blocks are at most _BLOCK_M rows (fewer
@@ -199,3 +208,47 @@ def varlen_attention_bwd_torch(
         dk[k0:k1] = dkd.permute(1, 0, 2).to(dk.dtype)
         dv[k0:k1] = dvd.permute(1, 0, 2).to(dv.dtype)
     return dq, dk, dv
+
+
+# The fast path's longest document: training packs and ordinary prompts. Longer ones keep
+# the blocked loop above, whose memory at 64K-1M tokens the hardening tests bound.
+SDPA_MAX_SEQLEN = 4096
+
+
+def sdpa_eligible(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                  window_size: tuple[int, int]) -> bool:
+    """Whether ``varlen_attention_sdpa`` computes this call (an LSE is not asked for):
+    CPU, fp32/bf16/fp16, no window, self-attention (the same offsets for queries and keys,
+    so causal is the same bottom-right or top-left), documents of at most SDPA_MAX_SEQLEN."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and tuple(window_size) == (-1, -1) and max_seqlen_q <= SDPA_MAX_SEQLEN
+            and (cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)))
+
+
+def varlen_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          softmax_scale: float, causal: bool) -> torch.Tensor:
+    """Self-attention within packed documents through ``F.scaled_dot_product_attention``,
+    differentiable by autograd: q (total, Hq, D), k/v (total, Hkv, D) -> out (total, Hq, D)
+    in q's dtype, computed in fp32; rows past ``cu_seqlens[-1]`` are 0 (zero gradients)."""
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    i, n_docs = 0, len(bounds) - 1
+    while i < n_docs:
+        start, length = bounds[i], bounds[i + 1] - bounds[i]
+        j = i + 1
+        while j < n_docs and bounds[j + 1] - bounds[j] == length:  # a run of equal lengths: one batch
+            j += 1
+        if length > 0:
+            batch, rows = j - i, slice(start, bounds[j])
+            # (batch, heads, length, D), fp32
+            qd = q[rows].float().view(batch, length, hq, d).transpose(1, 2)
+            kd = k[rows].float().view(batch, length, hkv, d).transpose(1, 2)
+            vd = v[rows].float().view(batch, length, hkv, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=softmax_scale, enable_gqa=hq != hkv)
+            pieces.append(o.transpose(1, 2).reshape(batch * length, hq, d))
+        i = j
+    if total > bounds[-1] or not pieces:
+        pieces.append(q.new_zeros((total - bounds[-1], hq, d), dtype=torch.float32))
+    return torch.cat(pieces).to(q.dtype)
