@@ -139,6 +139,41 @@ def test_retrieval_is_the_niah_text_needle():
     assert 8 <= two <= 35
 
 
+def test_longest_retrieval_samples_fit_the_pack_whole():
+    """The longest haystack (the length draw at its top) with every needle asked and the
+    longer question form still fits the recipe's 1,024-token pack: a truncated sample
+    would train on a cut conversation (the warning `longvita train` gives)."""
+    import random
+
+    from longvita.train_recipe import DEMO_SEQ_LEN
+    from longvita.data import SpecialTokens, build_default_tokenizer
+    from longvita.data.template import build_conversation
+
+    class Longest:  # a Random whose length draw is at its top and whose suffix is always added
+        def __init__(self, seed):
+            self.rng, self.calls = random.Random(seed), 0
+
+        def __getattr__(self, name):  # choice, sample, randrange: the real draws
+            return getattr(self.rng, name)
+
+        def random(self):
+            self.calls += 1
+            return 1 - 1e-12 if self.calls == 1 else (self.rng.random() if self.calls == 2 else 0.0)
+
+    tok = build_default_tokenizer()
+    special = SpecialTokens.from_tokenizer(tok)
+    needles = set()
+    for seed in range(40):
+        ex = make_example(Longest(seed), "retrieval", train=True)
+        turns = [("user", [ex.question]), ("assistant", [ex.answer])]
+        for q, a in ex.followups:
+            turns += [("user", [q]), ("assistant", [a])]
+        n = len(build_conversation(tok, special, turns, tokens_per_tile=1).input_ids)
+        needles.add(1 + len(ex.followups))
+        assert 700 < n <= DEMO_SEQ_LEN, (seed, n)
+    assert needles == {1, 2}
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_examples_have_checkable_answers(task):
     import random

@@ -97,6 +97,7 @@ _REPEAT_Q = ("Repeat this exactly: {s}", "Copy this: {s}", "Say it back: {s}", "
 _REPEAT_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 # the longest retrieval haystack: about 880 byte tokens, so the sample fills a 1,024-token pack
 MAX_FILLER_WORDS = 125
+_WORDS_PER_EXTRA_NEEDLE = 24
 
 
 @dataclass
@@ -204,9 +205,11 @@ def _retrieval_example(rng: random.Random, max_filler_words: int, train: bool = 
     # Held-out: LongVA's needle task, one needle. Training: a third of the haystacks hold a
     # second city's needle, each asked in its own turn, so the city must be matched; that
     # harder form (`eval niah --distractors N`) is measured apart, it has no target here.
-    words = round(max_filler_words * rng.random() ** 3)
-    text = filler_text(words, rng.random()) if words else ""
     cities = rng.sample(CITIES, rng.choice((1, 1, 2)) if train else 1)
+    # each further needle brings its sentence, question and answer (about 140 byte tokens):
+    # the haystack gives up as many words, so every sample fits the 1,024-token pack whole
+    words = round((max_filler_words - _WORDS_PER_EXTRA_NEEDLE * (len(cities) - 1)) * rng.random() ** 3)
+    text = filler_text(words, rng.random()) if words else ""
     asked = len(cities)
     numbers = [magic_number(rng) for _ in cities]
     # offsets drawn in the filler, needles inserted from the back: none lands inside another
