@@ -89,14 +89,15 @@ def _synthetic_image(seed: int, size: int = 96):
 
 def _demo_image(seed: int, size: int):
     """The built-in example picture for the trained demo model: one coloured shape
-    (``longvita.data.demo``), drawn from ``seed``; ``demo_image_answer`` is its colour."""
+    (``longvita.data.demo``), drawn from ``seed``; ``demo_image_answer`` is its colour.
+    Returns (image, what it shows: "blue triangle")."""
     import random
 
     from longvita.data.demo import COLOURS, SHAPES, shape_image
 
     rng = random.Random(f"generate-{seed}")
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    return shape_image(rng, colour, shape, size)
+    return shape_image(rng, colour, shape, size), f"{colour} {shape}"
 
 
 def demo_image_answer(seed: int) -> str:
@@ -200,17 +201,22 @@ def _generate(args, torch, rank: int, world: int) -> int:
 
     segments: list = []
     frames = None
+    shown = None  # what the built-in picture shows, said on stderr so the answer can be checked
     if args.image:
         for path in args.image:
             image = load_image(path, image_size=size, max_num=args.max_tiles)
             segments.append(tile_image(image, image_size=size, max_num=args.max_tiles, preprocess=pre))
     elif pipe.source in (DEMO_SOURCE, DEFAULT_SOURCE) and not args.video:  # a built-in model: a built-in picture
         if pipe.source == DEMO_SOURCE:  # the trained demo: a picture like those it learnt from
-            segments.append(tile_image(_demo_image(args.seed, size), image_size=size, max_num=args.max_tiles, preprocess=pre))
+            image, shown = _demo_image(args.seed, size)
+            segments.append(tile_image(image, image_size=size, max_num=args.max_tiles, preprocess=pre))
         else:
             segments.append(tile_image(_synthetic_image(args.seed), image_size=size, max_num=args.max_tiles, preprocess=pre))
     if args.prompt is None:
         args.prompt = DEMO_QUESTION if pipe.source == DEMO_SOURCE and not args.video else "Describe the image."
+    if shown is not None and rank == 0 and not args.json:
+        print(f"[the embedded demo model, asked {args.prompt!r} about a generated picture of a {shown} (--seed "
+              f"{args.seed}); --image and --prompt ask your own]", file=sys.stderr)
     if args.video:
         # raw: frames stay uint8 (a quarter of float32) until the vision tower normalises a chunk
         video = read_video(args.video, max_frames=args.max_frames, image_size=size, preprocess=pre, raw=True)
@@ -346,8 +352,8 @@ def _maybe_init_distributed(torch, device: str):
 # ------------------------------------------------------------------------------ train
 
 TINY_SEQ_LEN = 256  # the tiny default model: a step takes about a second on a CPU
-DEMO_SAMPLES = 52000  # the demo recipe's generated training set: one pass of the default run (~50 s to write)
-DEMO_STEPS = 6500  # the demo recipe's length: with the data, under 30 minutes on 2 CPU cores
+DEMO_SAMPLES = 57000  # the demo recipe's generated training set: one pass of the default run (~50 s to write)
+DEMO_STEPS = 7100  # the demo recipe's length: with the data, under 30 minutes on 2 CPU cores
 DEFAULT_STEPS = 10
 
 

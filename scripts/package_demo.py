@@ -48,10 +48,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pipe = load_pipeline(os.path.join(args.run, "final"))
         seed = args.seed
+        trained = {t: r["accuracy"] for t, r in evaluate_demo(pipe, args.n, seed=0).items()}
         pipe.model.half().save_pretrained(tmp, tokenizer=pipe.tokenizer)
         packaged = load_pipeline(tmp, dtype=torch.float32)
-        result = evaluate_demo(packaged, args.n, seed=0)
-        accuracy = {t: r["accuracy"] for t, r in result.items()}
+        accuracy = {t: r["accuracy"] for t, r in evaluate_demo(packaged, args.n, seed=0).items()}
+        # float16 storage may flip an answer near a tie, no more: one example per task
+        drift = {t: (trained[t], accuracy[t]) for t in trained if abs(trained[t] - accuracy[t]) > 1 / args.n + 1e-9}
+        if drift:
+            sys.exit(f"the float16 weights answer differently from the run's float32 ones (task: (fp32, fp16)): {drift}")
         log = {
             "command": args.command, "seed": seed, "steps": len(steps), "wall_seconds": args.wall_seconds,
             "machine": args.machine, "tokens_per_s_mean": round(sum(s["tokens_per_s"] for s in steps) / len(steps)),
@@ -64,6 +68,9 @@ def main() -> int:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(tmp, dest)
+    dest.chmod(0o755)  # the temporary folder's 0700 / 0600 would travel with the copy
+    for f in dest.iterdir():
+        f.chmod(0o644)
     size = (dest / "model.safetensors").stat().st_size
     print(f"{dest}: {sorted(p.name for p in dest.iterdir())}, weights {size / 2**20:.1f} MiB; held-out {accuracy}")
     return 0

@@ -190,7 +190,7 @@ def test_examples_have_checkable_answers(task):
             assert len(ex.frames) == 4
             odd = int(ex.answer) - 1
             same = [i for i in range(4) if i != odd]
-            px = [torch.from_numpy(__import__("numpy").asarray(f)).flatten() for f in ex.frames]
+            px = [torch.from_numpy(__import__("numpy").array(f)).flatten() for f in ex.frames]
             assert all(torch.equal(px[same[0]], px[i]) for i in same) and not torch.equal(px[odd], px[same[0]])
         if task == "retrieval":
             assert f"number is: {ex.answer}." in ex.question and len(ex.answer) == 7
@@ -293,6 +293,17 @@ def test_demo_recipe_trains_from_scratch(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------------
 
 
+def test_the_installed_package_ships_the_repositorys_demo():
+    """The weights tests skip when no demo ships; an install (wheel, `pip install .`) from a
+    checkout that has them must carry them (package data), or those tests would pass by
+    skipping."""
+    repo_demo = Path(__file__).resolve().parents[1] / "longvita" / "assets" / "demo"
+    if not (repo_demo / "model.safetensors").is_file():
+        pytest.skip("this checkout has no trained demo model")
+    assert embedded_demo_available(), f"installed longvita at {EMBEDDED_DEMO.parent.parent} lacks assets/demo"
+    assert (EMBEDDED_DEMO / "model.safetensors").read_bytes() == (repo_demo / "model.safetensors").read_bytes()
+
+
 @needs_demo
 def test_shipped_weights_are_small_and_load():
     size = (EMBEDDED_DEMO / "model.safetensors").stat().st_size
@@ -323,6 +334,17 @@ def test_default_generate_gives_the_right_answer(capsys, seed):
     assert main(["generate", "--seed", str(seed), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["text"].strip() == demo_image_answer(seed) and out["model"] == DEMO_SOURCE
+
+
+@needs_demo
+def test_default_generate_says_what_it_asked(capsys):
+    """Without --json the user sees the question and what the picture shows (stderr) and
+    the answer (stdout), so the main command's output can be checked by eye."""
+    assert main(["generate"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == demo_image_answer(0)
+    first = captured.err.strip().splitlines()[0]
+    assert "What colour is the shape?" in first and f"picture of a {demo_image_answer(0)} " in first
 
 
 @needs_demo

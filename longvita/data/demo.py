@@ -61,7 +61,7 @@ ORDINALS = ("first", "second", "third")
 # too (a run with text cut from 40 % to 25 % of the samples lost 34 points of text and 20
 # of shape), counting is next, a retrieval sample is ~3x the tokens of a one-image sample,
 # and ``repeat`` keeps the warm-up's copy circuit in use.
-TASK_WEIGHTS = {"colour": 2, "shape": 4, "count": 7, "text": 12, "which": 1, "frame": 1, "retrieval": 3, "repeat": 2}
+TASK_WEIGHTS = {"colour": 1, "shape": 4, "count": 8, "text": 12, "which": 1, "frame": 1, "retrieval": 3, "repeat": 2}
 
 # The curriculum's warm-up: the training set opens with this many samples of short
 # strings said back. Copying (the attention circuit retrieval needs: previous-token and
