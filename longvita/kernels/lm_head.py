@@ -336,10 +336,27 @@ class _LinearCrossEntropySumFunction(torch.autograd.Function):
         dh, dw = ctx.grads
         ctx.grads = None
         if dh is not None:
-            dh = dh.mul_(grad_loss.to(dh.dtype))
+            dh = _scale_(dh, grad_loss)
         if dw is not None:
-            dw = dw.mul_(grad_loss.to(dw.dtype))
+            dw = _scale_(dw, grad_loss)
         return dh, dw, None, None
+
+
+def _scale_(grad: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """``grad *= scale`` computed in fp32, in place, a bounded row chunk at a time. The
+    scale is a mean's 1/N: rounded to fp16 first it would shift every gradient by up to
+    2^-11 relative, a systematic error past one ulp of the largest values (seen: d(weight)
+    at 2.3x plain torch's error); no host sync (the scale stays a tensor)."""
+    if grad.dtype == torch.float32 or grad.numel() == 0:
+        return grad.mul_(scale.to(torch.float32))
+    scale = scale.to(device=grad.device, dtype=torch.float32)
+    if not grad.is_contiguous() or grad.dim() == 0:
+        return grad.copy_(grad.float().mul_(scale))
+    rows = grad.view(grad.shape[0], -1)
+    step = max(1, chunk_bytes // (4 * rows.shape[1]))
+    for s in range(0, rows.shape[0], step):
+        rows[s:s + step] = rows[s:s + step].float().mul_(scale)
+    return grad
 
 
 # --------------------------------------------------------------------------------------
