@@ -87,26 +87,30 @@ def _synthetic_image(seed: int, size: int = 96):
     return Image.fromarray(img.astype("uint8"), "RGB")
 
 
-def _demo_image(seed: int, size: int):
-    """The built-in example picture for the trained demo model: one coloured shape
-    (``longvita.data.demo``), drawn from ``seed``; ``demo_image_answer`` is its colour.
-    Returns (image, what it shows: "blue triangle")."""
+def _demo_picture(seed: int):
+    """What the built-in example picture for the trained demo model shows: (rng to draw it
+    with, colour, shape), all from ``seed``."""
     import random
 
-    from longvita.data.demo import COLOURS, SHAPES, shape_image
+    from longvita.data.demo import COLOURS, SHAPES
 
     rng = random.Random(f"generate-{seed}")
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    return rng, colour, shape
+
+
+def _demo_image(seed: int, size: int):
+    """The built-in example picture: one coloured shape (``longvita.data.demo``) drawn from
+    ``seed``. Returns (image, what it shows: "blue triangle")."""
+    from longvita.data.demo import shape_image
+
+    rng, colour, shape = _demo_picture(seed)
     return shape_image(rng, colour, shape, size), f"{colour} {shape}"
 
 
 def demo_image_answer(seed: int) -> str:
     """The colour of ``_demo_image(seed)``: the right answer of the default generate."""
-    import random
-
-    from longvita.data.demo import COLOURS
-
-    return random.Random(f"generate-{seed}").choice(list(COLOURS))
+    return _demo_picture(seed)[1]
 
 
 def _check_model_dir(model: str | None) -> None:

@@ -109,7 +109,7 @@ class DemoExample:
     answer: str
     images: list = field(default_factory=list)
     frames: list = field(default_factory=list)  # the clip's frames (task 'frame')
-    followups: list = field(default_factory=list)  # more (question, answer) turns (training retrieval)
+    followups: list = field(default_factory=list)  # more (question, answer) turns (training form only)
 
 
 def _background(rng: random.Random, size: int, avoid: tuple | None = None) -> Image.Image:
@@ -210,14 +210,13 @@ def _retrieval_example(rng: random.Random, max_filler_words: int, train: bool = 
     # the haystack gives up as many words, so every sample fits the 1,024-token pack whole
     words = round((max_filler_words - _WORDS_PER_EXTRA_NEEDLE * (len(cities) - 1)) * rng.random() ** 3)
     text = filler_text(words, rng.random()) if words else ""
-    asked = len(cities)
     numbers = [magic_number(rng) for _ in cities]
     # offsets drawn in the filler, needles inserted from the back: none lands inside another
     spots = sorted((rng.randrange(len(text) + 1) for _ in cities), reverse=True)
     for at, city, number in zip(spots, cities, numbers):
         text = _insert(text, magic_sentence(city, number), at)
     turns = []
-    for city, number in list(zip(cities, numbers))[:asked]:
+    for city, number in zip(cities, numbers):
         question = rng.choice(_RETRIEVAL_Q).format(city=city)
         if rng.random() < 0.5:
             question += " Answer with the number only."
@@ -286,7 +285,7 @@ def make_example(rng: random.Random, task: str, size: int = DEMO_IMAGE_SIZE,
 
 
 def _schedule(weights: dict[str, int], videos: bool) -> list[str]:
-    """One cycle of training tasks: each task ``weights[task]`` times (the Mixture shuffles)."""
+    """One cycle of training tasks: each task ``weights[task]`` times (``_curriculum`` shuffles it)."""
     bad = set(weights) - set(TASKS)
     if bad:
         raise ValueError(f"weights name unknown task(s) {sorted(bad)}; tasks are {TASKS}")

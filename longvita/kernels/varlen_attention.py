@@ -11,7 +11,8 @@ Backends (``backend=`` or ``LONGVITA_BACKEND``, chosen by ``_backend.resolve``):
 'triton' (the kernels in ``varlen_attention_triton.py``; CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``), 'torch' (``varlen_attention_torch.py``: flash-attention's
 blocked online softmax in plain torch, memory linear in the sequence length; the CPU
-path, with torch's fused attention for packed self-attention that needs no LSE), and 'flash_attn' (the flash-attn package, when importable, for comparison).
+path, with torch's fused attention for packed self-attention that needs no LSE), and
+'flash_attn' (the flash-attn package, when importable, for comparison).
 float64 inputs always run 'torch', which then computes in float64; so do bfloat16
 inputs in Triton's interpreter. There is no CUDA C++ attention: 'cuda' runs Triton.
 ``reference.py`` holds the plain definition (the whole score matrix per document) that
