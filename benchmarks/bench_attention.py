@@ -104,7 +104,7 @@ def _cumsum(xs):
 
 
 def _setup_longvita(case, mode):
-    from longvita.kernels.varlen_attention import varlen_attention
+    from longvita.kernels.attention import varlen_attention
 
     q, k, v, cu, mx = _inputs(case, mode != "fwd")
     return with_backward(lambda: varlen_attention(q, k, v, cu, cu, mx, mx, causal=case.causal, backend="triton"), mode, (q, k, v))

@@ -85,7 +85,7 @@ from longvita.kernels import _backend  # noqa: E402
 _backend.triton_runs_on = lambda device: True  # the one resolver reads it from _backend
 
 from longvita.kernels import linear_cross_entropy, pixel_shuffle_layernorm, varlen_attention  # noqa: E402
-from longvita.kernels.lse_merge import lse_merge_  # noqa: E402
+from longvita.kernels import lse_merge_  # noqa: E402
 
 
 def attention(dtype, d, causal, window=(-1, -1), hq=4, hkv=2):

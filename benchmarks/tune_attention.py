@@ -3,7 +3,7 @@
     python benchmarks/tune_attention.py [--kinds fwd,dkdv,dq] [--shapes qwen,vit] [--out FILE]
 
 The kernels run with fixed block sizes per head dim (``_fixed_config`` in
-``longvita/kernels/varlen_attention_triton.py``); this script measures candidates for one
+``longvita/kernels/attention/triton.py``); this script measures candidates for one
 kernel at a time while the others keep their fixed config, at the two shapes that matter
 (Qwen2.5-14B: 40 q / 8 kv heads, D 128, causal, one 8K document; InternViT-300M: 16 heads,
 D 64, bidirectional, 8 tiles of 1025 tokens), bf16. Forward configs are timed on the
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from longvita.kernels import varlen_attention_triton as vat  # noqa: E402
+from longvita.kernels.attention import triton as vat  # noqa: E402
 
 SHAPES = {
     # name: (documents, hq, hkv, d, causal)

@@ -65,9 +65,8 @@ CALLS = {"varlen_attention": _attention, "lm_head": _lm_head, "pixel_shuffle": _
 def ran(monkeypatch):
     """Spies on every implementation a family can run on CPU; yields the (family, backend)
     pairs that ran, in order."""
-    # import_module: ``longvita.kernels.varlen_attention`` the attribute is the function
     lh, lm, ps, va = (
-        importlib.import_module(f"longvita.kernels.{m}") for m in ("lm_head", "lse_merge", "pixel_shuffle", "varlen_attention")
+        importlib.import_module(f"longvita.kernels.{m}.api") for m in ("lm_head", "lse_merge", "pixel_shuffle", "attention")
     )
     calls = []
 
@@ -83,9 +82,9 @@ def ran(monkeypatch):
     spy(va, "varlen_attention_fwd_torch", ("varlen_attention", "torch"))
     spy(va, "varlen_attention_sdpa", ("varlen_attention", "torch"))  # the torch backend's fast path
     spy(va, "_flash_attn_fwd", ("varlen_attention", "flash_attn"))
-    spy(lh, "_torch_forward", ("lm_head", "torch"))
-    spy(ps, "_torch_shuffle_layernorm", ("pixel_shuffle", "torch"))
-    spy(lm, "lse_merge_reference_", ("lse_merge", "torch"))
+    spy(lh, "torch_forward", ("lm_head", "torch"))
+    spy(ps, "torch_shuffle_layernorm", ("pixel_shuffle", "torch"))
+    spy(lm, "lse_merge_torch_", ("lse_merge", "torch"))
     ext = native()
     if ext is not None:
 
@@ -100,8 +99,8 @@ def ran(monkeypatch):
         monkeypatch.setattr(ps, "native", lambda: _SpiedExt())
     if triton_available():
         lht, lmt, pst, vat = (
-            importlib.import_module(f"longvita.kernels.{m}_triton")
-            for m in ("lm_head", "lse_merge", "pixel_shuffle", "varlen_attention")
+            importlib.import_module(f"longvita.kernels.{m}.triton")
+            for m in ("lm_head", "lse_merge", "pixel_shuffle", "attention")
         )
         spy(vat, "varlen_attention_fwd_triton", ("varlen_attention", "triton"))
         spy(lht, "triton_forward", ("lm_head", "triton"))

@@ -50,7 +50,7 @@ _MEASURED_SPILL_BOUND = 256
 
 
 def _measured(c) -> bool:
-    from longvita.kernels.varlen_attention_triton import _MEASURED_16BIT
+    from longvita.kernels.attention.triton import _MEASURED_16BIT
 
     d = next((int(w[1:]) for w in c["case"].split() if w[:1] == "d" and w[1:].isdigit()), None)
     return (_KIND.get(c["kernel"]), d) in _MEASURED_16BIT and "window" not in c["case"]

@@ -192,7 +192,7 @@ def test_lce_num_valid_and_drop_ignored(backend):
 
 def test_lce_odd_shape_and_tiny_chunks_torch(monkeypatch):
     """Many chunks on the torch path: rows split at odd places still sum to the reference."""
-    import longvita.kernels.lm_head as lh
+    import longvita.kernels.lm_head.api as lh
 
     monkeypatch.setattr(lh, "_TORCH_CHUNK_BYTES", 7 * 4 * 1009)  # 7 rows per chunk
     for n in (0, 1, 301):
@@ -208,7 +208,7 @@ def test_lce_triton_row_chunks(monkeypatch):
     recompute backward's d(hidden) chunks ('none') and the fused path's logits chunks ('sum')."""
     if not _TRITON_HERE:
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    import longvita.kernels.lm_head as lh
+    import longvita.kernels.lm_head.api as lh
 
     hidden, weight, labels = _inputs(50, 40, 203, torch.float32, ignore_frac=0.3)
     monkeypatch.setattr(lh, "_BWD_CHUNK_BYTES", 1)  # one BLOCK_M of rows per launch
@@ -320,7 +320,7 @@ def test_lce_cpu_memory_is_bounded():
     script = textwrap.dedent(
         """
         import resource, sys, torch
-        import longvita.kernels.lm_head as lh
+        import longvita.kernels.lm_head.api as lh
         n, chunk = int(sys.argv[1]), int(sys.argv[2])
         if chunk:
             lh._TORCH_CHUNK_BYTES = chunk
@@ -443,7 +443,7 @@ def test_lce_torch_compile_matches_eager(backend):
 def test_lce_custom_ops_opcheck():
     """The custom ops behind linear_cross_entropy pass torch.library.opcheck (schema,
     fake implementation, AOT dispatch)."""
-    import longvita.kernels.lm_head as lh
+    import longvita.kernels.lm_head.api as lh
 
     hidden, weight, labels = _inputs(19, 16, 53, torch.float32, ignore_frac=0.3)
     backends = ("torch", "triton") if _TRITON_HERE else ("torch",)
@@ -464,7 +464,7 @@ def test_fused_sum_scales_its_gradients_in_fp32():
     """The fused path's gradients (fp16/bf16) are scaled by the incoming gradient (a
     mean's 1/N) in fp32: a scale rounded to fp16 first moves every value by up to 2^-11
     relative (d(weight) seen at 2.3x plain torch's error). Row chunks change nothing."""
-    from longvita.kernels.lm_head import _scale_
+    from longvita.kernels.lm_head.api import _scale_
 
     for dtype in (torch.float16, torch.bfloat16):
         grad = torch.randn(37, 11).to(dtype)

@@ -16,7 +16,7 @@ import torch
 
 from longvita.kernels import reference as ref
 from longvita.kernels._backend import triton_runs_on
-from longvita.kernels.varlen_attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
+from longvita.kernels.attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
 
 from _dense_attention import dense_masked_attention  # tests/ is on sys.path (pytest's rootdir insertion)
 
@@ -322,7 +322,7 @@ def test_gpu_fp32_uses_full_precision_dots():
 def test_custom_ops_pass_opcheck():
     """The torch.library registrations (schema, fake tensors, AOT dispatch) that let
     torch.compile trace through the kernels."""
-    from longvita.kernels.varlen_attention_triton import varlen_attention_bwd_op, varlen_attention_fwd_op
+    from longvita.kernels.attention.api import varlen_attention_bwd_op, varlen_attention_fwd_op
 
     lens = [0, 3, 9]
     q, k, v, cu_q, cu_k, mq, mk = _inputs(lens, lens, 2, 1, 16, torch.float32)
@@ -360,7 +360,7 @@ def test_gpu_flash_attn_backend_agrees():
 def test_fp32_unequal_block_sizes(monkeypatch, bm, bn, causal, window):
     """The interpreter runs 16x16 blocks; GPU configs have BLOCK_M != BLOCK_N, so check the
     block-range arithmetic (causal skipping, full/masked split) with unequal blocks too."""
-    from longvita.kernels import varlen_attention_triton as vat
+    from longvita.kernels.attention import triton as vat
 
     if not vat.triton_interpret():
         pytest.skip("block override is for the interpreter")

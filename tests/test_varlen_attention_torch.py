@@ -1,6 +1,6 @@
 """The CPU ('torch') backend of varlen attention against the float64 reference.
 
-``varlen_attention_torch.py`` is flash-attention's blocked online softmax in plain
+``attention/torch.py`` is flash-attention's blocked online softmax in plain
 torch. Most cases shrink its blocks (monkeypatched) so that 16-row blocks meet odd
 lengths, zero-length documents, causal skipping and window edges; one case keeps the
 real block size with a document longer than it. The memory test runs a 64K-token
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from longvita.kernels import reference as ref
-from longvita.kernels import varlen_attention_torch as vat
-from longvita.kernels.varlen_attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
+from longvita.kernels.attention import torch as vat
+from longvita.kernels.attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
 
 from _dense_attention import dense_masked_attention  # tests/ is on sys.path (pytest's rootdir insertion)
 
@@ -181,7 +181,7 @@ def test_sdpa_path_matches_the_reference(dtype, hq, hkv, causal, monkeypatch):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     import importlib
 
-    va = importlib.import_module("longvita.kernels.varlen_attention")  # the package exports a function of that name
+    va = importlib.import_module("longvita.kernels.attention.api")
     calls = []
     monkeypatch.setattr(va, "varlen_attention_sdpa", lambda *a: calls.append(1) or vat.varlen_attention_sdpa(*a))
     out = varlen_attention(*leaves, cu, cu, 31, 31, causal=causal, backend="torch")
@@ -204,7 +204,7 @@ def test_sdpa_path_runs_only_where_it_computes_the_same(monkeypatch):
     against a longer cache, float64 and documents over SDPA_MAX_SEQLEN run the blocked loop."""
     import importlib
 
-    va = importlib.import_module("longvita.kernels.varlen_attention")  # the package exports a function of that name
+    va = importlib.import_module("longvita.kernels.attention.api")
     ran = []
     real_sdpa, real_loop = va.varlen_attention_sdpa, va.varlen_attention_fwd_torch
     monkeypatch.setattr(va, "varlen_attention_sdpa", lambda *a: ran.append("sdpa") or real_sdpa(*a))
@@ -273,7 +273,7 @@ _PROBE = textwrap.dedent(
     from longvita.model import LongVITA, preset
     n, whole_matrix = int(sys.argv[1]), sys.argv[2] == "1"
     if whole_matrix:  # the old CPU path: the reference, (heads x L x L) scores per layer
-        va = importlib.import_module("longvita.kernels.varlen_attention")  # the package exports a function of that name
+        va = importlib.import_module("longvita.kernels.attention.api")
         va.varlen_attention_fwd_torch = lambda q, k, v, cq, ck, s, c, w: ref.varlen_attention_fwd_reference(q, k, v, cq, ck, s, c, w)
     cfg = preset("tiny")
     cfg.text.max_position_embeddings = max(n, cfg.text.max_position_embeddings)

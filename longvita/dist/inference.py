@@ -32,7 +32,7 @@ import torch.distributed as dist
 from longvita.dist.ring_attention import ring_attention
 from longvita.dist.zigzag import ZigzagLayout, zigzag_layout
 from longvita.kernels import gather_logits
-from longvita.kernels.varlen_attention import varlen_attention_fwd
+from longvita.kernels.attention import varlen_attention_fwd
 from longvita.model import DecoderAttention, LongVITA, Sampling
 
 __all__ = ["ContextParallelGenerator", "ShardedKVCache"]

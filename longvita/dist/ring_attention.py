@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 
 from longvita.dist.zigzag import ZigzagLayout, _as_layout
-from longvita.kernels.lse_merge import lse_merge_
-from longvita.kernels.varlen_attention import check_qkv, varlen_attention_bwd, varlen_attention_fwd
+from longvita.kernels import lse_merge_
+from longvita.kernels.attention import check_qkv, varlen_attention_bwd, varlen_attention_fwd
 
 
 

@@ -1,35 +1,25 @@
-"""longvita's kernels. One layout per family: ``X.py`` holds the public function ->
-autograd.Function -> custom ops (for torch.compile) and the torch / C++ paths;
-``X_triton.py`` holds the Triton kernels and their launchers, imported only when the
-Triton backend runs (so this package imports without triton); ``reference.py`` holds
-the plain-torch references, the definition of correct. ``_backend.resolve`` picks the
-backend of every family. This package never imports ``model`` or ``dist``.
+"""longvita's kernels: four families with one anatomy (docs/architecture.md, "One kernel
+family's anatomy"). ``<family>/api.py`` holds the public function, its checks, the
+autograd.Function and the torch.library custom ops; ``<family>/triton.py`` the Triton
+kernels and launchers, imported only when the Triton backend runs (so this package
+imports without triton); ``<family>/torch.py`` the torch path that CPU tensors run.
+``reference.py`` holds the plain-torch references, the definition of correct.
+``_backend.resolve`` picks the backend of every family. This package never imports
+``model`` or ``parallel``.
+
+The family packages (``attention``, ``lm_head``, ``pixel_shuffle``, ``lse_merge``) are
+named apart from the functions re-exported here, so ``longvita.kernels.varlen_attention``
+is the function and ``longvita.kernels.attention`` its module.
 """
 
-from longvita.kernels.varlen_attention import (  # noqa: F401
-    varlen_attention,
-    varlen_attention_bwd,
-    varlen_attention_fwd,
-)
+from longvita.kernels.attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd  # noqa: F401
+from longvita.kernels.lm_head import LCEParams, gather_logits, last_token_index, linear_cross_entropy  # noqa: F401
+from longvita.kernels.lse_merge import lse_merge_  # noqa: F401
+from longvita.kernels.pixel_shuffle import pixel_shuffle_layernorm, pixel_shuffle_project  # noqa: F401
 
-__all__ = ["varlen_attention", "varlen_attention_fwd", "varlen_attention_bwd"]
-
-from longvita.kernels.lm_head import (  # noqa: F401,E402
-    LCEParams,
-    gather_logits,
-    last_token_index,
-    linear_cross_entropy,
-)
-
-__all__ += ["last_token_index", "gather_logits", "linear_cross_entropy", "LCEParams"]
-
-from longvita.kernels.pixel_shuffle import (  # noqa: E402,F401
-    pixel_shuffle_layernorm,
-    pixel_shuffle_project,
-)
-
-__all__ += ["pixel_shuffle_project", "pixel_shuffle_layernorm"]
-
-from longvita.kernels.lse_merge import lse_merge_  # noqa: E402,F401
-
-__all__ += ["lse_merge_"]
+__all__ = [
+    "varlen_attention", "varlen_attention_fwd", "varlen_attention_bwd",
+    "last_token_index", "gather_logits", "linear_cross_entropy", "LCEParams",
+    "pixel_shuffle_project", "pixel_shuffle_layernorm",
+    "lse_merge_",
+]

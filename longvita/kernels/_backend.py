@@ -6,7 +6,7 @@ family (what ``python -m longvita info`` prints).
 
 Names (a kernel's ``backend=`` argument, else ``LONGVITA_BACKEND``, else ``auto``):
   'auto'        the fastest path that runs on the tensors' device and dtype
-  'torch'       the plain-torch path (reference or chunked torch code)
+  'torch'       the family's torch path (``<family>/torch.py``: chunked or blocked torch code)
   'triton'      the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``,
                 set before triton is imported: how CI tests the Triton code without a GPU)
   'cuda'        pixel shuffle: the CUDA kernel of ``longvita._C``; the other families
@@ -43,7 +43,7 @@ def triton_available() -> bool:
             import triton.language  # noqa: F401
 
             _TRITON_OK = True
-        except Exception:  # triton missing or broken: the torch reference serves
+        except Exception:  # triton missing or broken: the torch paths serve
             _TRITON_OK = False
     return _TRITON_OK
 

@@ -1,10 +1,10 @@
 """Plain-PyTorch references for every longvita kernel: the definition of correct.
 
-Tests compare the Triton / CUDA kernels and the CPU paths against these in float64;
-CPU tensors run them as the fallback backend where no CPU path of their own exists.
+Tests compare the Triton / CUDA kernels and the torch paths against these in float64;
+no backend runs them (every family has a torch path of its own, ``<family>/torch.py``).
 They favour clarity over speed, but stay exact. The attention reference loops over
 documents and builds each document's (heads x L x L) scores, so it is for tests only:
-the CPU backend of varlen attention is ``varlen_attention_torch.py``, in linear memory.
+the CPU backend of varlen attention is ``attention/torch.py``, in linear memory.
 """
 
 from __future__ import annotations
@@ -250,3 +250,24 @@ def linear_cross_entropy_reference(
         return loss.sum()
     count = (labels != ignore_index).sum()
     return loss.sum() / count.clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------
+# LSE merge (ring attention's merge of partial results)
+# --------------------------------------------------------------------------------------
+
+
+def lse_merge_reference(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the two partial results.
+
+    out_a, out_b: (T, H, D); lse_a, lse_b: (H, T). The naive formula, out of place:
+    ``lse = log(exp(lse_a) + exp(lse_b))``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b``,
+    computed in the accumulators' dtype. A row where both see no key (lse -inf) stays
+    lse = -inf, out = 0 (its weights 0/0 are taken as 0)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - lse).nan_to_num(0.0).t().unsqueeze(-1)  # (T, H, 1)
+    w_b = torch.exp(lse_b - lse).nan_to_num(0.0).t().unsqueeze(-1)
+    acc = lse.dtype
+    return w_a * out_a.to(acc) + w_b * out_b.to(acc), lse

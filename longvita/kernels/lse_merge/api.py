@@ -10,9 +10,11 @@ combine into the attention over the union of the keys:
 
 A row with no visible key has lse = -inf and out = 0; two such rows merge to -inf and 0,
 never NaN. ``lse_merge_`` updates an fp32 accumulator in place: the Triton kernel
-(``lse_merge_triton.py``, imported only when that backend runs) reads each operand once
-and writes the accumulator once; the torch path is the fallback (and the reference) for
-CPU tensors.
+(``lse_merge/triton.py``, imported only when that backend runs) reads each operand once
+and writes the accumulator once; the torch path (``torch.py``, the same stable formula)
+serves CPU tensors. ``reference.lse_merge_reference`` is the naive formula, the definition
+tests compare against. Under torch.compile the merge runs as the custom op
+``longvita::lse_merge_`` (it mutates its accumulators), which the compiler traces through.
 
 Shapes: out_acc (T, H, D) fp32, lse_acc (H, T) fp32, out_b (T, H, D) any float dtype,
 lse_b (H, T) fp32 (float64 accumulators and lse for float64 inputs: torch path).
@@ -20,11 +22,10 @@ lse_b (H, T) fp32 (float64 accumulators and lse for float64 inputs: torch path).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from longvita.kernels._backend import resolve
+from longvita.kernels.lse_merge.torch import lse_merge_torch_
 
 
 def _check(out_acc, lse_acc, out_b, lse_b):
@@ -43,18 +44,6 @@ def _check(out_acc, lse_acc, out_b, lse_b):
         raise ValueError("out_acc, out_b, lse_acc and lse_b must be contiguous in their last dimension")
 
 
-def lse_merge_reference_(out_acc, lse_acc, out_b, lse_b):
-    """Torch path of ``lse_merge_`` (same stable formula, in place)."""
-    hi = torch.maximum(lse_acc, lse_b)
-    lo = torch.minimum(lse_acc, lse_b)
-    empty = hi == -math.inf
-    # shift by 0 instead of -inf in empty rows, so no -inf - -inf is ever formed
-    w_b = torch.sigmoid(lse_b - torch.where(empty, 0.0, lse_acc)).t().unsqueeze(-1)  # (T, H, 1)
-    out_acc.add_(w_b * (out_b.to(out_acc.dtype) - out_acc))
-    lse_acc.copy_(hi + torch.log1p(torch.exp(lo - torch.where(empty, 0.0, hi))))
-    return out_acc, lse_acc
-
-
 def lse_merge_(out_acc, lse_acc, out_b, lse_b, backend: str | None = None):
     """Merge ``(out_b, lse_b)`` into the fp32 accumulators ``(out_acc, lse_acc)`` in place.
 
@@ -70,8 +59,31 @@ def lse_merge_(out_acc, lse_acc, out_b, lse_b, backend: str | None = None):
     # The inputs' dtype decides (float64 accumulators belong to float64 inputs, which
     # take the torch path; bf16 blocks do not run in Triton's interpreter).
     dtype = torch.float64 if out_acc.dtype == torch.float64 else out_b.dtype
-    if resolve("lse_merge", out_acc.device, dtype, backend) != "triton" or out_acc.numel() == 0:
-        return lse_merge_reference_(out_acc, lse_acc, out_b, lse_b)
-    from longvita.kernels.lse_merge_triton import triton_lse_merge_
+    name = resolve("lse_merge", out_acc.device, dtype, backend)
+    if torch.compiler.is_compiling():
+        _lse_merge_op(out_acc, lse_acc, out_b, lse_b, name)
+        return out_acc, lse_acc
+    return _lse_merge(out_acc, lse_acc, out_b, lse_b, name)
+
+
+def _lse_merge(out_acc, lse_acc, out_b, lse_b, backend: str):
+    """The launcher: the resolved backend's implementation, in place."""
+    if backend != "triton" or out_acc.numel() == 0:
+        return lse_merge_torch_(out_acc, lse_acc, out_b, lse_b)
+    from longvita.kernels.lse_merge.triton import triton_lse_merge_
 
     return triton_lse_merge_(out_acc, lse_acc, out_b, lse_b)
+
+
+# The launcher as a torch custom op that mutates its accumulators, so torch.compile traces
+# through the merge (eager calls skip it: a custom op's first eager call imports torch._dynamo).
+@torch.library.custom_op("longvita::lse_merge_", mutates_args=("out_acc", "lse_acc"))
+def _lse_merge_op(
+    out_acc: torch.Tensor, lse_acc: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, backend: str
+) -> None:
+    _lse_merge(out_acc, lse_acc, out_b, lse_b, backend)
+
+
+@_lse_merge_op.register_fake
+def _(out_acc, lse_acc, out_b, lse_b, backend):
+    return None

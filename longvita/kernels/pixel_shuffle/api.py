@@ -25,9 +25,9 @@ are called directly (a custom op's first eager call imports torch._dynamo, secon
 Backends for the fused piece (``backend=`` or ``LONGVITA_BACKEND``):
   'cuda'   the CUDA kernel of ``longvita._C`` (CUDA tensors; float32/float16/bfloat16)
   'cpp'    the plain C++ path of ``longvita._C`` (CPU tensors; float32/float64)
-  'triton' the Triton kernels of ``pixel_shuffle_triton.py`` (CUDA tensors, or CPU under
+  'triton' the Triton kernels of ``pixel_shuffle/triton.py`` (CUDA tensors, or CPU under
            TRITON_INTERPRET=1; imported only when this backend runs)
-  'torch'  a gather through ``pixel_shuffle_source_index`` + ``F.layer_norm`` (any device
+  'torch'  (``torch.py``) a gather through ``pixel_shuffle_source_index`` + ``F.layer_norm`` (any device
            and dtype; autograd's backward)
 Automatic choice (``longvita.kernels._backend.resolve``): CUDA extension > Triton > C++
 (CPU) > torch; bfloat16 skips Triton in the interpreter.
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from longvita._ext import native
 from longvita.kernels._backend import resolve
+from longvita.kernels.pixel_shuffle.torch import pixel_shuffle_source_index, torch_shuffle_layernorm
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -54,19 +55,6 @@ class PixelShuffleParams:
     inv: int  # 1 / scale_factor
     eps: float
     backend: str  # resolved: 'cuda' | 'cpp' | 'triton' | 'torch'
-
-
-def pixel_shuffle_source_index(h: int, scale_factor: float = 0.5, device=None) -> torch.Tensor:
-    """The index map as a tensor: (h*h*s^2, 1/s^2) source token of every (output row, slot).
-
-    ``x[:, idx].flatten(2)`` equals ``pixel_shuffle_reference(x, scale_factor)``; the kernels
-    compute the same map on the fly.
-    """
-    inv = _inv_of(scale_factor)
-    w_out = h // inv
-    r = torch.arange(w_out * w_out, device=device)[:, None]
-    s = torch.arange(inv * inv, device=device)[None, :]
-    return (inv * (r // w_out) + s // inv) * h + inv * (r % w_out) + s % inv
 
 
 # --------------------------------------------------------------------------------------
@@ -145,7 +133,7 @@ def pixel_shuffle_ln_fwd(x, weight, bias, p: PixelShuffleParams):
     """
     if p.backend in ("cuda", "cpp"):
         return native().pixel_shuffle_ln_fwd(x, weight, bias, p.inv, p.eps)
-    from longvita.kernels.pixel_shuffle_triton import triton_ln_fwd
+    from longvita.kernels.pixel_shuffle.triton import triton_ln_fwd
 
     return triton_ln_fwd(x, weight, bias, p)
 
@@ -156,7 +144,7 @@ def pixel_shuffle_ln_bwd(dy, x, weight, mean, rstd, has_bias: bool, p: PixelShuf
     if p.backend in ("cuda", "cpp"):
         dx, dw, db = native().pixel_shuffle_ln_bwd(dy, x, weight, mean, rstd, p.inv, has_bias)
         return dx, dw, (db if has_bias else None)
-    from longvita.kernels.pixel_shuffle_triton import triton_ln_bwd
+    from longvita.kernels.pixel_shuffle.triton import triton_ln_bwd
 
     return triton_ln_bwd(dy, x, weight, mean, rstd, has_bias, p)
 
@@ -226,15 +214,6 @@ class _PixelShuffleLayerNorm(torch.autograd.Function):
         return dx, dw, (db if ctx.has_bias else None), None
 
 
-def _torch_shuffle_layernorm(x, ln_weight, ln_bias, eps: float, inv: int) -> torch.Tensor:
-    """The 'torch' backend: the shuffle as a gather through the index map (the reference
-    reshapes and permutes instead), then ``F.layer_norm``; autograd gives the backward."""
-    tiles, n_tok, c = x.shape
-    idx = pixel_shuffle_source_index(math.isqrt(n_tok), 1.0 / inv, device=x.device)  # (rows, inv^2)
-    y = x[:, idx].reshape(tiles, idx.shape[0], inv * inv * c)  # (tiles, rows, inv^2*C)
-    return F.layer_norm(y, (y.shape[-1],), ln_weight, ln_bias, eps)
-
-
 # --------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------
@@ -260,7 +239,7 @@ def pixel_shuffle_layernorm(
     _check_shuffle_ln(x, ln_weight, ln_bias, inv)
     chosen = resolve("pixel_shuffle", x.device, x.dtype, backend)
     if chosen == "torch":
-        return _torch_shuffle_layernorm(x, ln_weight, ln_bias, float(eps), inv)
+        return torch_shuffle_layernorm(x, ln_weight, ln_bias, float(eps), inv)
     p = PixelShuffleParams(inv=inv, eps=float(eps), backend=chosen)
     bias = ln_bias.contiguous() if ln_bias is not None else None
     return _PixelShuffleLayerNorm.apply(x.contiguous(), ln_weight.contiguous(), bias, p)

@@ -1,8 +1,8 @@
-"""Triton kernels and launchers of the gather-then-project LM head (``lm_head.py``).
+"""Triton kernels and launchers of the gather-then-project LM head (``lm_head/api.py``).
 
 Imported only when the Triton backend runs, so ``import longvita`` works without triton.
 The schemes (recompute forward/backward, fused scalar-loss path) are described in
-``lm_head.py``'s docstring.
+``lm_head/api.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import triton.language as tl
 from longvita.kernels._backend import triton_interpret
 
 if TYPE_CHECKING:
-    from longvita.kernels.lm_head import LCEParams
+    from longvita.kernels.lm_head.api import LCEParams
 
 # Vocabulary columns one program of ``_ce_grad_inplace_kernel`` handles per step on GPU:
 # a large block means few passes over a 152K-wide row (3 passes, each V / BLOCK_V steps),

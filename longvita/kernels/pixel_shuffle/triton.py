@@ -1,7 +1,7 @@
-"""Triton kernels and launchers of the fused pixel-shuffle + LayerNorm (``pixel_shuffle.py``).
+"""Triton kernels and launchers of the fused pixel-shuffle + LayerNorm (``pixel_shuffle/api.py``).
 
 Imported only when the Triton backend runs, so ``import longvita`` works without triton.
-The index map and the forward/backward scheme are described in ``pixel_shuffle.py``.
+The index map and the forward/backward scheme are described in ``pixel_shuffle/api.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 if TYPE_CHECKING:
-    from longvita.kernels.pixel_shuffle import PixelShuffleParams
+    from longvita.kernels.pixel_shuffle.api import PixelShuffleParams
 
 # Backward programs per streaming multiprocessor: each program loops over many rows and
 # keeps one (inv^2, C) partial sum of dweight/dbias, so a few resident programs per SM

@@ -1,4 +1,4 @@
-"""Triton kernel and launcher of the LSE merge (``lse_merge.py``, which states the formula).
+"""Triton kernel and launcher of the LSE merge (``lse_merge/api.py``, which states the formula).
 
 Imported only when the Triton backend runs, so ``import longvita`` works without triton.
 """

@@ -6,7 +6,7 @@ key blocks with an online softmax, so no (heads x L x L) score matrix ever exist
 100K-token prompt would need 150 GB for it). ``reference.py`` stays the plain
 definition that tests compare this against.
 
-Layout and semantics as ``varlen_attention_triton.py``: THD, bottom-right causal,
+Layout and semantics as ``attention/triton.py``: THD, bottom-right causal,
 flash-attn windows, rows with no visible key give out 0 / lse -inf, rows past
 ``cu_seqlens[-1]`` give 0 / -inf and zero gradients. Accumulation in fp32 (float64 for
 float64 inputs).

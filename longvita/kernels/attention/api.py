@@ -8,8 +8,8 @@ return ``(out, lse)`` / ``(dq, dk, dv)`` without autograd, so ring attention can
 them per block.
 
 Backends (``backend=`` or ``LONGVITA_BACKEND``, chosen by ``_backend.resolve``):
-'triton' (the kernels in ``varlen_attention_triton.py``; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``), 'torch' (``varlen_attention_torch.py``: flash-attention's
+'triton' (the kernels in ``attention/triton.py``; CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``), 'torch' (``attention/torch.py``: flash-attention's
 blocked online softmax in plain torch, memory linear in the sequence length; the CPU
 path, with torch's fused attention for packed self-attention that needs no LSE), and
 'flash_attn' (the flash-attn package, when importable, for comparison).
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from longvita.kernels._backend import resolve
-from longvita.kernels.varlen_attention_torch import (
+from longvita.kernels.attention.torch import (
     sdpa_eligible,
     varlen_attention_bwd_torch,
     varlen_attention_fwd_torch,
@@ -120,10 +120,10 @@ def varlen_attention_fwd(
     window = (int(window_size[0]), int(window_size[1]))
     name = _pick_backend(q, backend)
     if name == "triton":
-        from longvita.kernels import varlen_attention_triton as vat
+        from longvita.kernels.attention import triton as vat
 
         if torch.compiler.is_compiling():  # the custom op: torch.compile traces through it
-            return vat.varlen_attention_fwd_op(
+            return varlen_attention_fwd_op(
                 q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal), *window
             )
         # eager: the launcher itself (a custom op's first eager call imports torch._dynamo,
@@ -151,10 +151,10 @@ def varlen_attention_bwd(
     window = (int(window_size[0]), int(window_size[1]))
     name = _pick_backend(q, backend)
     if name == "triton":
-        from longvita.kernels import varlen_attention_triton as vat
+        from longvita.kernels.attention import triton as vat
 
         if torch.compiler.is_compiling():
-            return vat.varlen_attention_bwd_op(
+            return varlen_attention_bwd_op(
                 dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                 scale, bool(causal), *window, dlse,
             )
@@ -197,6 +197,55 @@ def _flash_attn_bwd(dout, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, wind
     with torch.enable_grad():
         out, _ = _flash_attn_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window)
     return torch.autograd.grad(out, (q, k, v), dout)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library ops of the Triton launchers, so torch.compile traces through the kernels
+# (eager calls go straight to the launchers: a custom op's first eager call imports torch._dynamo)
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("longvita::varlen_attention_fwd", mutates_args=())
+def varlen_attention_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from longvita.kernels.attention.triton import varlen_attention_fwd_triton
+
+    return varlen_attention_fwd_triton(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, (window_left, window_right),
+    )
+
+
+@varlen_attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("longvita::varlen_attention_bwd", mutates_args=())
+def varlen_attention_bwd_op(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int,
+    dlse: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from longvita.kernels.attention.triton import varlen_attention_bwd_triton
+
+    return varlen_attention_bwd_triton(
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale, causal, (window_left, window_right), dlse,
+    )
+
+
+@varlen_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, dlse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @dataclass(frozen=True)
@@ -270,7 +319,7 @@ def varlen_attention(
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     window = (int(window_size[0]), int(window_size[1]))
     if (not return_lse and sdpa_eligible(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window)
-            and _pick_backend(q, backend) == "torch"):  # the CPU fast path (varlen_attention_torch.py)
+            and _pick_backend(q, backend) == "torch"):  # the CPU fast path (attention/torch.py)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
         return varlen_attention_sdpa(q, k, v, cu_seqlens_q, scale, bool(causal))
     params = VarlenParams(max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), window, backend)

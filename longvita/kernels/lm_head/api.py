@@ -12,7 +12,7 @@ and lse, gradients recomputed in backward) or ``_LinearCrossEntropySumFunction``
 loss, gradients computed in forward) -> torch.library custom ops ``longvita::lce_fwd``,
 ``lce_bwd``, ``lce_fused_sum`` (with fake implementations, so torch.compile traces
 through them; eager calls skip the op wrappers) -> launchers (check shapes, then run
-the chunked torch path here or the Triton kernels of ``lm_head_triton.py``, imported
+the chunked torch path here or the Triton kernels of ``lm_head/triton.py``, imported
 only when that backend runs).
 Non-tensor options travel in one ``LCEParams`` dataclass (as its fields through the ops).
 
@@ -48,6 +48,8 @@ import dataclasses
 import torch
 
 from longvita.kernels._backend import resolve
+from longvita.kernels.lm_head.torch import acc_dtype as _acc_dtype
+from longvita.kernels.lm_head.torch import torch_backward, torch_forward
 
 __all__ = ["last_token_index", "gather_logits", "linear_cross_entropy", "LCEParams"]
 
@@ -361,7 +363,7 @@ def _scale_(grad: torch.Tensor, scale: torch.Tensor, chunk_bytes: int = 64 << 20
 
 # --------------------------------------------------------------------------------------
 # torch.library ops, so torch.compile traces through the launchers (as in
-# varlen_attention_triton.py / pixel_shuffle.py): under torch.compile the
+# attention/api.py / pixel_shuffle/api.py): under torch.compile the
 # autograd.Functions above call these ops, whose fake implementations give the output
 # shapes without running them. In eager mode they call the plain functions instead: a
 # custom op's first eager call imports torch._dynamo (seconds on CPU), which the
@@ -420,7 +422,7 @@ def _lce_fused_sum(
     ignore_index: int, fused_chunk_bytes: int, need_h: bool, need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = LCEParams(ignore_index=ignore_index, backend="triton", fused_chunk_bytes=fused_chunk_bytes)
-    from longvita.kernels.lm_head_triton import triton_fused_sum
+    from longvita.kernels.lm_head.triton import triton_fused_sum
 
     loss, dh, dw = triton_fused_sum(hidden, weight, labels, params, need_h, need_w)
     return loss, (dh if need_h else hidden.new_empty(0)), (dw if need_w else weight.new_empty(0))
@@ -442,10 +444,6 @@ def _(hidden, weight, labels, ignore_index, fused_chunk_bytes, need_h, need_w):
 # --------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _lce_forward(hidden, weight, labels, params: LCEParams):
     """(loss, lse) per row, both in the accumulation dtype; lse is computed for every row."""
     m = hidden.shape[0]
@@ -454,10 +452,10 @@ def _lce_forward(hidden, weight, labels, params: LCEParams):
         empty = torch.zeros(0, dtype=acc, device=hidden.device)
         return empty, empty.clone()
     if params.backend == "triton":
-        from longvita.kernels.lm_head_triton import triton_forward
+        from longvita.kernels.lm_head.triton import triton_forward
 
         return triton_forward(hidden, weight, labels, params)
-    return _torch_forward(hidden, weight, labels, params)
+    return torch_forward(hidden, weight, labels, params)
 
 
 def _lce_backward(hidden, weight, labels, lse, grad_loss, grad_lse, params: LCEParams, need_h, need_w):
@@ -471,57 +469,10 @@ def _lce_backward(hidden, weight, labels, lse, grad_loss, grad_lse, params: LCEP
     g_loss = torch.where(valid, grad_loss.to(lse.dtype), zero)  # (M,)
     g_lse = torch.where(valid, grad_lse.to(lse.dtype), zero)  # (M,)
     if params.backend == "triton":
-        from longvita.kernels.lm_head_triton import triton_backward
+        from longvita.kernels.lm_head.triton import triton_backward
 
         return triton_backward(hidden, weight, labels, lse, g_loss, g_lse, params, need_h, need_w)
-    return _torch_backward(hidden, weight, labels, lse, g_loss, g_lse, params, need_h, need_w)
-
-
-def _torch_chunk_rows(vocab: int, params: LCEParams) -> int:
-    return max(1, params.torch_chunk_bytes // (4 * vocab))
-
-
-def _torch_forward(hidden, weight, labels, params: LCEParams):
-    m, vocab = hidden.shape[0], weight.shape[0]
-    acc = _acc_dtype(hidden.dtype)
-    loss = torch.empty(m, dtype=acc, device=hidden.device)
-    lse = torch.empty(m, dtype=acc, device=hidden.device)
-    step = _torch_chunk_rows(vocab, params)
-    for s in range(0, m, step):
-        e = min(s + step, m)
-        logits = (hidden[s:e] @ weight.t()).to(acc)  # (chunk, V): the only logits held
-        y = labels[s:e]
-        valid = y != params.ignore_index
-        lse_c = torch.logsumexp(logits, dim=1)
-        target = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
-        lse[s:e] = lse_c
-        loss[s:e] = torch.where(valid, lse_c - target, torch.zeros((), dtype=acc, device=hidden.device))
-        del logits
-    return loss, lse
-
-
-def _torch_backward(hidden, weight, labels, lse, g_loss, g_lse, params: LCEParams, need_h, need_w):
-    m, vocab = hidden.shape[0], weight.shape[0]
-    acc = lse.dtype
-    dh = torch.empty_like(hidden) if need_h else None
-    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None  # fp32 accumulator
-    step = _torch_chunk_rows(vocab, params)
-    for s in range(0, m, step):
-        e = min(s + step, m)
-        h = hidden[s:e]
-        y = labels[s:e]
-        d = (h @ weight.t()).to(acc)  # (chunk, V) logits, recomputed
-        d.sub_(lse[s:e, None]).exp_().mul_((g_loss[s:e] + g_lse[s:e])[:, None])  # softmax * (gl + gz)
-        d.scatter_add_(1, torch.where(y != params.ignore_index, y, 0).unsqueeze(1), -g_loss[s:e, None])
-        d = d.to(hidden.dtype)
-        if need_h:
-            dh[s:e] = d @ weight
-        if need_w:
-            dw += (d.t() @ h).to(acc)
-        del d
-    if need_w and dw.dtype != weight.dtype:
-        dw = dw.to(weight.dtype)
-    return dh, dw
+    return torch_backward(hidden, weight, labels, lse, g_loss, g_lse, params, need_h, need_w)
 
 
 # --------------------------------------------------------------------------------------
