@@ -19,18 +19,18 @@ prediction below is made for the configuration actually run (and, for (b), also 
 full 48 layers on an 80 GB H100).
 
 (a) Long-VITA's Table 4 on this hardware: a plain (non-cached) prefill through
-    ``model.hidden_states`` and one of three LM heads, keeping the last position's logits:
+    ``model(model.embed(ids))`` and one of three LM heads, keeping the last position's logits:
     - all-logits head: ``model(input_ids)``, logits of every position (N x V), then the last;
     - chunked head: the final hidden states projected ``--head-chunk`` rows at a time,
       only the last chunk's last row kept;
-    - last-token head: ``model(input_ids, logits_index=[N-1])`` (gather, then project).
+    - last-token head: ``model.logits(hidden, [N-1])`` (gather, then project).
     For each head: prefill time and peak memory at a few lengths, and the largest prompt
     before out-of-memory, found by doubling from ``--search-start`` and then bisecting to
     ``--resolution`` tokens (each ``torch.cuda.OutOfMemoryError`` is caught and the memory
     freed before the next try). ``pred_*`` columns are an analytic model of the peak
     (weights + the largest layer's activations or the head's logits, see ``prefill_peak``).
 (b) The longest prompt that prefills through the KV cache ``--prefill-chunk`` tokens at a
-    time (``LongVITA.generate(prefill_chunk=...)``) and then decodes 16 tokens, searched the
+    time (``generate(model, ids, plan=LocalPlan(prefill_chunk=...))``) and then decodes 16 tokens, searched the
     same way (from half the prediction, so that few tries prefill a whole long prompt),
     beside the prediction (free memory after loading - one chunk's activations) / KV bytes
     per token. For Long-VITA-14B the KV cache is 48 layers x 2 x 8 heads x 128 x 2 B =
@@ -46,7 +46,7 @@ full 48 layers on an 80 GB H100).
     prefill minus its layers' causal attention, timed alone) and scaled; the P = 1 row is
     that plus the attention timed at N, so it exists where a whole prefill would not fit
     one GPU (1M tokens). Under torchrun the context-parallel prefill
-    (``ContextParallelGenerator``) is also run for real and its time printed beside the
+    (``generate`` with a ``ContextParallelPlan``) is also run for real and its time printed beside the
     prediction for this world size.
 
 Without CUDA (or with ``--cpu-smoke``) the same code runs on the ``tiny`` preset in fp32
@@ -75,6 +75,7 @@ from common import (  # noqa: E402
 )
 
 from longvita.model import LongVITA, preset  # noqa: E402
+from longvita.runtime import ContextParallelPlan, LocalPlan, generate  # noqa: E402
 
 NAME = "prefill"
 METRICS = ["tokens", "ms", "gib", "pred_gib", "max_tokens", "pred_max_tokens", "decode_tok_s",
@@ -307,11 +308,11 @@ def setup_prefill(model: LongVITA, n: int, head: str, head_chunk: int):
 
     @torch.inference_mode()
     def run():
+        hidden = model(model.embed(ids))
         if head == "all-logits head":
-            return model(ids)[-1:]
+            return model.logits(hidden)[-1:]
         if head == "last-token head":
-            return model(ids, logits_index=last)
-        hidden = model.hidden_states(ids)
+            return model.logits(hidden, last)
         for start in range(0, n, head_chunk):  # every chunk's logits computed, only the last row kept
             logits = None  # the previous chunk's logits go before the next chunk's are made
             logits = model.lm_head(hidden[start : start + head_chunk])
@@ -327,7 +328,7 @@ def setup_generate(model: LongVITA, n: int, chunk: int, new_tokens: int = DECODE
     def run():
         t0 = time.perf_counter()
         stamps = []
-        for _ in model.generate(ids, max_new_tokens=new_tokens, prefill_chunk=chunk):
+        for _ in generate(model, ids, plan=LocalPlan(prefill_chunk=chunk), max_new_tokens=new_tokens):
             stamps.append(time.perf_counter())  # sampling reads the token: the device is in step
         decode_s = stamps[-1] - stamps[0]
         return stamps[0] - t0, (len(stamps) - 1) / decode_s if decode_s > 0 else float("nan")
@@ -562,8 +563,6 @@ def run_distributed(args) -> int:
     """Under torchrun: the context-parallel prefill measured against (d)'s prediction."""
     import torch.distributed as dist
 
-    from longvita.dist.inference import ContextParallelGenerator
-
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -572,15 +571,14 @@ def run_distributed(args) -> int:
     s = settings_from_args(args)
     model = build_model(s)
     warm_up(model, s)
-    for _ in ContextParallelGenerator(model).generate(prompt(model, 1024), max_new_tokens=2):
+    for _ in generate(model, prompt(model, 1024), plan=ContextParallelPlan(), max_new_tokens=2):
         pass  # the ring's kernels compiled before anything is timed
     rows: list[Row] = []
     for n in s.cp_lengths:
-        gen = ContextParallelGenerator(model)
         ids = prompt(model, n)
 
         def prefill():  # max_new_tokens=1: the prefill and the first token only
-            for _ in gen.generate(ids, max_new_tokens=1):
+            for _ in generate(model, ids, plan=ContextParallelPlan(), max_new_tokens=1):
                 pass
 
         dist.barrier()

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Row, pytest_benchmark_median, gpu_only, print_table, time_cuda, write_json  # noqa: E402
 
-from longvita.dist import visible_pairs_per_rank, zigzag_layout  # noqa: E402
+from longvita.parallel import visible_pairs_per_rank, zigzag_layout  # noqa: E402
 
 NAME = "ring"
 TITLE = "Zigzag ring attention (bf16, causal): per-step compute, balance, traffic, predicted efficiency"
@@ -124,7 +124,7 @@ def predict(case: Case, block_ms: dict[str, float], comm_ms: float) -> dict:
 
 def setup_block(case: Case, kind: str, backward: bool, device="cuda"):
     """fn() computing rank 1's block of ``kind`` (forward + merge, or backward) on ``device``."""
-    from longvita.dist.ring_attention import _step_block
+    from longvita.parallel.ring import _step_block
     from longvita.kernels import lse_merge_, varlen_attention_bwd, varlen_attention_fwd
 
     layout = zigzag_layout(case.cu_seqlens, case.world, device)
@@ -222,7 +222,7 @@ def distributed(args) -> int:
     """Under torchrun: the real ring over NCCL, measured against the prediction."""
     import torch.distributed as dist
 
-    from longvita.dist import ring_attention
+    from longvita.parallel import ring_attention
 
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --cpu-smoke --out X.json   # no GPU (also the default there): seconds
     pytest benchmarks/bench_train.py --benchmark-only           # pytest-benchmark (GPU; skips without one)
 
-A step is forward + backward + optimizer step (AdamW) of ``longvita.dist.train.packed_loss``
+A step is forward + backward + optimizer step (AdamW) of ``longvita.runtime.train.loss.packed_loss``
 on one synthetic pack, in one process (no groups): ``--tokens`` tokens (default 128K) that
 are one document (``cu_seqlens = [0, T]``, positions do not reset), random ids with
 ``--tiles`` image tiles' worth of context slots (``tokens_per_tile`` slot tokens per tile,
@@ -12,7 +12,7 @@ random pixels), labels the ids shifted by one with -100 on the slots and the las
 
 Model: Long-VITA-14B shapes (InternViT-300M + projector + Qwen2.5-14B, V=152064), random
 weights, fp32 master weights with the step under ``torch.autocast('cuda', torch.bfloat16)``
-(what ``longvita.dist.trainer`` does with ``--precision bf16`` and no sharding). One GPU
+(what ``longvita.runtime.train.trainer`` does with ``--precision bf16`` and no sharding). One GPU
 holds 14B parameters' fp32 weights, gradients and Adam state for only a few decoder layers,
 so ``--layers N`` keeps N of the 48 (default 4) and the title states the count. Four rows:
 
@@ -63,7 +63,8 @@ from common import (  # noqa: E402
     Row, fmt_tokens, free_memory, gpu_only, is_cuda_oom, print_table, pytest_benchmark_median, sync, write_json,
 )
 
-from longvita.dist.train import apply_activation_checkpointing, packed_loss  # noqa: E402
+from longvita.runtime.train.loss import packed_loss  # noqa: E402
+from longvita.runtime.train.parallelize import apply_activation_checkpointing  # noqa: E402
 from longvita.model import LongVITA, preset  # noqa: E402
 
 NAME = "train"

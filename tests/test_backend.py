@@ -234,7 +234,7 @@ def test_first_eager_calls_do_not_import_dynamo(interpret):
 
 
 def test_info_prints_kernel_backends():
-    from longvita.cli import info_text
+    from longvita.cli.info import info_text
 
     text = info_text()
     for dtype in (torch.float32, torch.bfloat16):

@@ -168,15 +168,15 @@ def test_json_reports_load_prefill_decode_times(capsys):
 def test_saved_checkpoint_with_tokenizer_round_trips(tmp_path, capsys):
     """save_pretrained(tokenizer=...) writes a folder `generate --model` can use as it is."""
     from longvita.data import build_default_tokenizer
-    from longvita.pipeline import random_demo_model
+    from longvita.pipeline import random_tiny_model
 
     tok = build_default_tokenizer()
-    model = random_demo_model(tok.get_vocab_size(), seed=5)
+    model = random_tiny_model(tok.get_vocab_size(), seed=5)
     model.save_pretrained(str(tmp_path), tokenizer=tok)
     assert (tmp_path / "tokenizer.json").exists()
-    from longvita.cli import _synthetic_image
+    from longvita.data.synthetic import synthetic_picture
 
-    _synthetic_image(1).save(tmp_path / "pic.png")
+    synthetic_picture(1).save(tmp_path / "pic.png")
     args = ["generate", "--json", "--max-new-tokens", "4", "--seed", "5", "--prompt", "hi", "--image", str(tmp_path / "pic.png")]
     assert main(args + ["--model", str(tmp_path)]) == 0
     from_folder = json.loads(capsys.readouterr().out)
@@ -187,10 +187,10 @@ def test_saved_checkpoint_with_tokenizer_round_trips(tmp_path, capsys):
 
 def test_prompt_longer_than_the_model_is_one_line(tmp_path, capsys):
     from longvita.data import build_default_tokenizer
-    from longvita.pipeline import random_demo_model
+    from longvita.pipeline import random_tiny_model
 
     tok = build_default_tokenizer()
-    model = random_demo_model(tok.get_vocab_size())
+    model = random_tiny_model(tok.get_vocab_size())
     model.config.text.max_position_embeddings = 64
     model.save_pretrained(str(tmp_path), tokenizer=tok)
     code = main(["generate", "--model", str(tmp_path), "--prompt", "x" * 200])

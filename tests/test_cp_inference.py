@@ -13,8 +13,9 @@ import pytest
 import torch
 from _dist import run_on_ranks, write_mp4
 
-from longvita.dist.zigzag import zigzag_layout
 from longvita.model import LongVITA, preset
+from longvita.parallel import zigzag_layout
+from longvita.runtime import ContextParallelPlan, Sampling, generate
 
 SLOT = 500  # the image-context placeholder id of these tests
 NEW_TOKENS = 6
@@ -58,7 +59,7 @@ def _reference(model, ids, pixels, steps):
     with torch.no_grad():
         embeds = model.embed(ids, pixels)
         for _ in range(steps):
-            row = model(inputs_embeds=embeds)[-1]
+            row = model.logits(model(embeds))[-1]
             tokens.append(int(row.argmax()))
             logits.append(row)
             embeds = torch.cat([embeds, model.text.embed_tokens(torch.tensor([tokens[-1]]))])
@@ -79,29 +80,26 @@ def _all_prompts(seed, cfg, video_path):
 
 
 def _run(rank, world, seed, video_path=None):
-    from longvita.dist.inference import ContextParallelGenerator
-
     model = _model(seed)
     results = {}
     for name, (ids, pixels) in _all_prompts(seed, model.config, video_path).items():
         seen = []
         real = model.image_embeddings
         model.image_embeddings = lambda p, real=real: (seen.append(p.shape[0]), real(p))[1]
-        cp = ContextParallelGenerator(model, tiles_per_chunk=2, keep_logits=True)
-        fractions = []
-        tokens = list(cp.generate(ids, pixels, max_new_tokens=NEW_TOKENS, prefill_progress=fractions.append))
+        plan = ContextParallelPlan(tiles_per_chunk=2)
+        fractions, logits = [], {}
+        tokens = list(generate(model, ids, pixels, plan=plan, max_new_tokens=NEW_TOKENS,
+                               prefill_progress=fractions.append,
+                               on_logits=lambda step, row: logits.__setitem__(step, row.detach().cpu())))
         assert fractions == [(i + 1) / model.config.text.num_layers for i in range(model.config.text.num_layers)]
         model.image_embeddings = real
-        results[name] = dict(tokens=tokens, kv_tokens=cp.stats.kv_tokens, tiles=cp.stats.tiles_encoded,
-                             vision_calls=seen, logits=cp.logits)
+        results[name] = dict(tokens=tokens, kv_tokens=plan.stats.kv_tokens, tiles=plan.stats.tiles_encoded,
+                             vision_calls=seen, logits=logits)
     # sampled, with a prompt of 2P+1 tokens: its last token lies on the last rank, which
     # computes the first logits; every rank's generator must stay in step
-    from longvita.model import Sampling
-
-    cp = ContextParallelGenerator(model)
     gen = torch.Generator().manual_seed(seed)
-    results["sampled"] = list(cp.generate(_short(seed, world), sampling=SAMPLING, generator=gen, max_new_tokens=NEW_TOKENS))
-    assert isinstance(SAMPLING, Sampling)
+    results["sampled"] = list(generate(model, _short(seed, world), plan=ContextParallelPlan(), sampling=SAMPLING,
+                                       generator=gen, max_new_tokens=NEW_TOKENS))
     return results
 
 
@@ -112,13 +110,7 @@ def _short(seed, world):
     return torch.randint(0, 400, (2 * world + 1,), generator=torch.Generator().manual_seed(seed + 1))
 
 
-def _sampling():
-    from longvita.model import Sampling
-
-    return Sampling(**SAMPLING_ARGS)
-
-
-SAMPLING = _sampling()
+SAMPLING = Sampling(**SAMPLING_ARGS)
 
 
 def _expected_tiles(ids, world, rank, tpt):
@@ -169,7 +161,7 @@ def test_cp_generation_equals_single_process_recompute(world, tmp_path):
         assert steps_seen == set(range(NEW_TOKENS)), (name, steps_seen)  # the prefill's and every decode's
     # sampled generation draws exactly what one process draws
     gen = torch.Generator().manual_seed(seed)
-    want = list(model.generate(_short(seed, world), max_new_tokens=NEW_TOKENS, generator=gen, **SAMPLING_ARGS))
+    want = list(generate(model, _short(seed, world), max_new_tokens=NEW_TOKENS, generator=gen, sampling=SAMPLING))
     for rank, res in enumerate(results):
         assert res["sampled"] == want, f"sampled, rank {rank}/{world}: {res['sampled']} != {want}"
     if world == 2:  # the media of "media_start" sit entirely on rank 0
@@ -177,9 +169,7 @@ def test_cp_generation_equals_single_process_recompute(world, tmp_path):
 
 
 def test_too_many_ranks_for_the_prompt_is_a_clear_error():
-    from longvita.dist.inference import ContextParallelGenerator
-
-    cp = ContextParallelGenerator(_model(0))
-    cp.world = 4  # as if 4 ranks: the check comes before any communication
+    plan = ContextParallelPlan()
+    plan.world = 4  # as if 4 ranks: the check comes before any communication
     with pytest.raises(ValueError, match="needs at least 8"):
-        next(cp.generate(torch.arange(5)))
+        next(generate(_model(0), torch.arange(5), plan=plan))

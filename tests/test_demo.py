@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longvita.cli import demo_image_answer, main
+from longvita.cli import main
+from longvita.data.demo import demo_picture
 from longvita.data.demo import TASK_WEIGHTS, TASKS, demo_examples, make_example, write_demo_dataset
 from longvita.pipeline import DEMO_SOURCE, EMBEDDED_DEMO, embedded_demo_available, load_pipeline
 
@@ -90,7 +91,7 @@ def test_dataset_is_a_curriculum_read_in_order(tmp_path):
     """The set opens with the copy warm-up, then cycles of the task weights (each cycle
     shuffled); `train --recipe demo` reads it in the file's order."""
     from longvita.data.demo import WARMUP_TASK
-    from longvita.dist.trainer import make_stream
+    from longvita.data import MediaConfig, pack_stream
 
     weights = {"colour": 1, "repeat": 1, "retrieval": 1}
     manifest = write_demo_dataset(tmp_path, 10, seed=0, weights=weights, videos=False, warmup=4)
@@ -101,8 +102,8 @@ def test_dataset_is_a_curriculum_read_in_order(tmp_path):
     pipe = load_pipeline("tiny")
     firsts = [r["messages"][0]["content"] for r in records]
     for in_order in (True, False):
-        stream = make_stream(manifest, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=64, reset=True,
-                             in_order=in_order)
+        stream = pack_stream(manifest, pipe.tokenizer, pipe.special, MediaConfig.for_model(pipe.model.config),
+                             seq_len=64, reset=True, in_order=in_order)
         seen = [stream.mixture.next().messages[0]["content"] for _ in range(10)]
         assert (seen == firsts) == in_order
     # a shorter set is the longer one's beginning (the recipe's first steps need only that)
@@ -117,7 +118,7 @@ def test_retrieval_is_the_niah_text_needle():
     import random
     import re
 
-    from longvita.eval.needles import make_text_needles
+    from longvita.eval.niah.needles import make_text_needles
 
     needle = make_text_needles(1, seed=5)[0]
     pattern = re.compile(r"The special magic (\w+) number is: (\d{7})\.")
@@ -145,7 +146,7 @@ def test_longest_retrieval_samples_fit_the_pack_whole():
     would train on a cut conversation (the warning `longvita train` gives)."""
     import random
 
-    from longvita.train_recipe import DEMO_SEQ_LEN
+    from longvita.runtime.train.recipe import DEMO_SEQ_LEN
     from longvita.data import SpecialTokens, build_default_tokenizer
     from longvita.data.template import build_conversation
 
@@ -255,14 +256,14 @@ def test_demo_starts_from_a_scratch_initialisation():
 
 
 def test_demo_recipe_defaults_to_its_full_length():
-    from longvita.cli import DEFAULT_STEPS, DEMO_STEPS, build_parser, check_train_args
+    from longvita.cli import build_parser
+    from longvita.cli.train import DEFAULT_STEPS, TrainOptions
+    from longvita.runtime.train.recipe import DEMO_STEPS
 
     args = build_parser().parse_args(["train", "--recipe", "demo", "--out", "/nonexistent/demo-run"])
-    check_train_args(args)
-    assert args.steps == DEMO_STEPS
+    assert TrainOptions.from_args(args).steps == DEMO_STEPS
     args = build_parser().parse_args(["train", "--out", "/nonexistent/run"])
-    check_train_args(args)
-    assert args.steps == DEFAULT_STEPS
+    assert TrainOptions.from_args(args).steps == DEFAULT_STEPS
 
 
 def test_eval_demo_cli_runs(capsys):
@@ -278,9 +279,9 @@ def test_eval_demo_bad_task_one_line(capsys):
 
 
 def test_demo_recipe_trains_from_scratch(tmp_path, monkeypatch, capsys):
-    import longvita.cli as cli
+    from longvita.runtime.train import recipe as recipes
 
-    monkeypatch.setattr(cli, "DEMO_SAMPLES", 48)
+    monkeypatch.setattr(recipes, "DEMO_SAMPLES", 48)
     assert main(["train", "--recipe", "demo", "--steps", "2", "--out", str(tmp_path), "--json"]) == 0
     losses = [json.loads(line)["loss"] for line in capsys.readouterr().out.strip().splitlines()]
     assert len(losses) == 2 and all(l == l and l < 10 for l in losses)
@@ -333,7 +334,7 @@ def test_shipped_weights_accuracy_on_held_out_examples():
 def test_default_generate_gives_the_right_answer(capsys, seed):
     assert main(["generate", "--seed", str(seed), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["text"].strip() == demo_image_answer(seed) and out["model"] == DEMO_SOURCE
+    assert out["text"].strip() == demo_picture(seed)[1] and out["model"] == DEMO_SOURCE
 
 
 @needs_demo
@@ -342,9 +343,9 @@ def test_default_generate_says_what_it_asked(capsys):
     the answer (stdout), so the main command's output can be checked by eye."""
     assert main(["generate"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == demo_image_answer(0)
+    assert captured.out.strip() == demo_picture(0)[1]
     first = captured.err.strip().splitlines()[0]
-    assert "What colour is the shape?" in first and f"picture of a {demo_image_answer(0)} " in first
+    assert "What colour is the shape?" in first and f"picture of a {demo_picture(0)[1]} " in first
 
 
 @needs_demo
@@ -353,10 +354,10 @@ def test_recipe_reproduces_the_recorded_first_losses(tmp_path, monkeypatch, caps
     the run that produced the shipped weights (train_log.json beside them). The generated
     set is read in order and its first samples do not depend on its size, so writing the
     first 1,000 (the 20 steps use ~350) gives the recorded run's packs in a second."""
-    import longvita.cli as cli
+    from longvita.runtime.train import recipe as recipes
 
     log = json.loads((EMBEDDED_DEMO / "train_log.json").read_text())
-    monkeypatch.setattr(cli, "DEMO_SAMPLES", 1000)
+    monkeypatch.setattr(recipes, "DEMO_SAMPLES", 1000)
     assert main(["train", "--recipe", "demo", "--steps", "20", "--seed", str(log["seed"]), "--out", str(tmp_path), "--json"]) == 0
     losses = [json.loads(line)["loss"] for line in capsys.readouterr().out.strip().splitlines()]
     # the first 20 steps do not depend on the run's length: 100 warm-up steps, same packs

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from longvita.model import CheckpointError, LongVITA, TextConfig, preset
+from longvita.runtime import LocalPlan, generate
+
+from _model import logits
 
 
 def test_text_head_dim_is_always_resolved():
@@ -28,7 +31,7 @@ def test_explicit_head_dim_builds_and_round_trips(tmp_path):
     assert again.config.text.head_dim == 24
     ids = torch.randint(0, 500, (9,))
     with torch.no_grad():
-        assert torch.allclose(model(ids), again(ids))
+        assert torch.allclose(logits(model, ids), logits(again, ids))
 
 
 @pytest.mark.parametrize("where,value", [("vision", "relu"), ("projector", "gelu_pytorch_tanh"), ("text", "gelu")])
@@ -52,7 +55,7 @@ def test_checkpoint_with_unimplemented_activation_names_the_file(tmp_path):
 def test_generate_rejects_an_empty_prompt():
     model = LongVITA(preset("tiny")).eval()
     with pytest.raises(ValueError, match="non-empty"):
-        next(model.generate(torch.zeros(0, dtype=torch.long)))
+        next(generate(model, torch.zeros(0, dtype=torch.long)))
 
 
 def test_generate_rejects_a_prompt_past_max_positions():
@@ -60,8 +63,8 @@ def test_generate_rejects_a_prompt_past_max_positions():
     cfg.text.max_position_embeddings = 20
     model = LongVITA(cfg).eval()
     with pytest.raises(ValueError, match="max_position_embeddings is 20"):
-        next(model.generate(torch.zeros(15, dtype=torch.long), max_new_tokens=6))
-    assert len(list(model.generate(torch.zeros(15, dtype=torch.long), max_new_tokens=5))) == 5
+        next(generate(model, torch.zeros(15, dtype=torch.long), max_new_tokens=6))
+    assert len(list(generate(model, torch.zeros(15, dtype=torch.long), max_new_tokens=5))) == 5
 
 
 def test_decode_builds_document_offsets_once_per_step_not_per_layer(monkeypatch):
@@ -77,7 +80,7 @@ def test_decode_builds_document_offsets_once_per_step_not_per_layer(monkeypatch)
     monkeypatch.setattr(attention.CachedAttention, "__init__", counting_init)
     model = LongVITA(preset("tiny")).eval()
     assert model.config.text.num_layers >= 2
-    tokens = list(model.generate(torch.randint(0, 500, (7,)), max_new_tokens=4))
+    tokens = list(generate(model, torch.randint(0, 500, (7,)), max_new_tokens=4))
     # one prefill + one forward per token after the first (the last token needs none):
     # never one per layer
     assert len(tokens) == 4
@@ -93,28 +96,28 @@ def test_inputs_embeds_and_place_media_equal_the_pixel_path():
     ids = torch.cat([torch.randint(0, 400, (5,)), torch.full((2 * n,), 500), torch.randint(0, 400, (3,))])
     pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
     with torch.no_grad():
-        want = model(ids, pixels)
+        want = logits(model, ids, pixels)
         tiles = model.image_embeddings(pixels)  # (2 * n, hidden): "computed elsewhere"
         slots = model.media_mask(ids).nonzero().squeeze(1)
         embeds = LongVITA.place_media(model.text.embed_tokens(ids), slots, tiles)
-        got = model(inputs_embeds=embeds)
+        got = logits(model, None, inputs_embeds=embeds)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
-        model(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="inputs_embeds must be a 2-D"):  # the decoder takes embeddings only
+        model(ids)
 
 
 def test_custom_attention_is_called_by_every_layer():
     """The decoder's attention is pluggable from outside the model."""
-    from longvita.model import PackedAttention
+    from longvita.model import DecoderAttention, PackedAttention
 
-    class Spy(PackedAttention):
+    class Spy(DecoderAttention):  # implies no positions: the caller must give them
         def __init__(self, *a):
-            super().__init__(*a)
+            self.inner = PackedAttention(*a)
             self.layers, self.finished = [], 0
 
         def attend(self, layer_idx, q, k, v):
             self.layers.append(layer_idx)
-            return super().attend(layer_idx, q, k, v)
+            return self.inner.attend(layer_idx, q, k, v)
 
         def finish(self):
             self.finished += 1
@@ -123,12 +126,12 @@ def test_custom_attention_is_called_by_every_layer():
     ids = torch.randint(0, 500, (11,))
     spy = Spy(torch.tensor([0, 11], dtype=torch.int32), 11)
     with torch.no_grad():
-        got = model(ids, attention=spy, position_ids=torch.arange(11))
-        want = model(ids)
+        got = model.logits(model(model.embed(ids), torch.arange(11), spy))
+        want = logits(model, ids)
     assert spy.layers == list(range(model.config.text.num_layers)) and spy.finished == 1
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="position_ids are required"):
-        model(ids, attention=spy)
+        model(model.embed(ids), attention=spy)
 
 
 def test_bind_tokenizer_sets_placeholder_ids_and_checks_the_vocabulary():
@@ -164,15 +167,16 @@ def test_chunked_prefill_equals_unchunked(chunk, monkeypatch):
     model = LongVITA(cfg).double().eval()
     ids = _media_prompt(cfg, 3)
     pixels = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size, dtype=torch.float64)
-    from longvita.model import Sampling
+    from longvita.runtime import Sampling
 
     rows = []  # every logit row generate chooses from: tokens alone can hide a wrong prefill
     real_call = Sampling.__call__
     monkeypatch.setattr(Sampling, "__call__", lambda self, logits, g=None: (rows.append(logits.clone()), real_call(self, logits, g))[1])
-    want = list(model.generate(ids, pixels, max_new_tokens=5))
+    want = list(generate(model, ids, pixels, max_new_tokens=5))
     want_rows, rows[:] = list(rows), []
     fractions = []
-    got = list(model.generate(ids, pixels, max_new_tokens=5, prefill_chunk=chunk, prefill_progress=fractions.append))
+    got = list(generate(model, ids, pixels, plan=LocalPlan(prefill_chunk=chunk), max_new_tokens=5,
+                        prefill_progress=fractions.append))
     assert got == want
     assert len(fractions) == -(-ids.numel() // chunk) and fractions == sorted(fractions) and fractions[-1] == 1.0
     for a, b in zip(rows, want_rows, strict=True):
@@ -182,7 +186,7 @@ def test_chunked_prefill_equals_unchunked(chunk, monkeypatch):
     with torch.no_grad():
         embeds = model.embed(ids, pixels)
         for tok, row in zip(want, want_rows):
-            full = model(inputs_embeds=embeds)[-1]
+            full = logits(model, None, inputs_embeds=embeds)[-1]
             assert int(full.argmax()) == tok and ((full - row).abs().max() / row.abs().max()).item() < 1e-12
             embeds = torch.cat([embeds, model.text.embed_tokens(torch.tensor([tok]))])
 
@@ -213,7 +217,7 @@ def test_embed_rows_encodes_only_the_tiles_it_needs():
 
 
 def test_sampling_filters():
-    from longvita.model import Sampling
+    from longvita.runtime import Sampling
 
     logits = torch.tensor([0.0, 5.0, 4.9, 1.0, -3.0])
     assert Sampling()(logits) == 1

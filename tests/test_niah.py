@@ -12,14 +12,17 @@ from PIL import Image
 
 from _dist import run_on_ranks
 from longvita.cli import main
-from longvita.eval import niah
-from longvita.eval.needles import make_text_needles, make_visual_needles
+from longvita.eval.niah import haystack as niah_haystack
+from longvita.eval.niah import run as niah_run
+from longvita.eval.niah.needles import make_text_needles, make_visual_needles
 from longvita.eval.niah import (
     CellInputs, NiahGrid, TextHaystack, VideoHaystack, draw_heatmap, read_results, run_niah, score_cell, text_cell,
     visual_cell,
 )
 from longvita.model import LongVITA
 from longvita.pipeline import load_pipeline
+
+from _model import logits as full_logits
 
 
 @pytest.fixture(autouse=True)
@@ -101,9 +104,13 @@ class _Rigged(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(1))
 
     place_media = staticmethod(LongVITA.place_media)
+    media_mask = LongVITA.media_mask
 
-    def forward(self, inputs_embeds, position_ids, logits_index, attention=None):
-        pos = position_ids.index_select(0, logits_index)
+    def forward(self, inputs_embeds, position_ids, attention=None):
+        return position_ids[:, None].float()  # the "hidden state" of a row is its position
+
+    def logits(self, hidden, index):
+        pos = hidden.index_select(0, index)[:, 0].long()
         logits = torch.zeros(pos.numel(), self.vocab)
         for i, p in enumerate(pos.tolist()):
             logits[i, self.truth.get(p + 1, 0)] = 12.0
@@ -141,7 +148,7 @@ def test_score_matches_all_logits_reference(pipe):
     model = pipe.model
     res = score_cell(model, cell)
     with torch.no_grad():
-        logits = model(cell.input_ids).double()
+        logits = full_logits(model, cell.input_ids).double()
     rows = cell.answer_positions - 1
     targets = cell.input_ids.index_select(0, cell.answer_positions)
     logp = torch.log_softmax(logits[rows], -1).gather(1, targets[:, None]).mean().item()
@@ -161,12 +168,13 @@ def test_cached_features_score_like_recomputed_pixels(pipe, tmp_path):
     cache = list((tmp_path / "cache").glob("frames-*.safetensors"))
     assert len(cache) == 1
     encoded = []
-    real = niah.frame_features
-    niah.frame_features = lambda m, tiles, *a, **k: encoded.append(tiles.shape[0]) or real(m, tiles, *a, **k)
+    real = niah_run.frame_features
+    counting = lambda m, tiles, *a, **k: encoded.append(tiles.shape[0]) or real(m, tiles, *a, **k)  # noqa: E731
+    niah_run.frame_features = niah_haystack.frame_features = counting  # the needle's and the haystack's
     try:
         again = run_niah(pipe, grid, needles, tmp_path, show_progress=False)
     finally:
-        niah.frame_features = real
+        niah_run.frame_features = niah_haystack.frame_features = real
     assert encoded == [1]  # the needle only: the haystack's 5 frames came from the cache
     assert [r["logprob"] for r in again] == [r["logprob"] for r in rows]
 
@@ -177,7 +185,7 @@ def test_cached_features_score_like_recomputed_pixels(pipe, tmp_path):
     tiles = hay.tiles.clone()
     tiles[cell.frame_sources.index(-1)] = frame_tile(needles[0].image, size, "long-vita", raw=True)
     with torch.no_grad():
-        logits = model(cell.input_ids, tiles).double()
+        logits = full_logits(model, cell.input_ids, tiles).double()
     targets = cell.input_ids.index_select(0, cell.answer_positions)
     logp = torch.log_softmax(logits[cell.answer_positions - 1], -1).gather(1, targets[:, None]).mean().item()
     assert abs(rows[0]["logprob"] - logp) < 1e-4
@@ -216,8 +224,8 @@ def test_same_seed_same_table_and_resume_skips_done_cells(pipe, tmp_path, monkey
     # an "interrupted" run: only the first length done, then resumed over the whole grid
     run_niah(pipe, NiahGrid("text", [200], [0, 100]), needles, tmp_path / "c", show_progress=False)
     calls = []
-    real = niah.score_cell
-    monkeypatch.setattr(niah, "score_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = niah_run.score_cell
+    monkeypatch.setattr(niah_run, "score_cell", lambda *a, **k: calls.append(1) or real(*a, **k))
     c = run_niah(pipe, grid, needles, tmp_path / "c", resume=True, show_progress=False)
     assert len(calls) == 4 and len(c) == 8
     assert sorted(json.dumps(r, sort_keys=True) for r in c) == sorted(json.dumps(r, sort_keys=True) for r in a)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from _dist import run_on_ranks
 
-from longvita.dist import (
+from longvita.parallel import (
     ring_attention,
     visible_pairs_per_rank,
     zigzag_layout,

@@ -10,8 +10,9 @@ import pytest
 import torch
 from _dist import run_on_ranks
 
-from longvita.dist.zigzag import zigzag_layout
 from longvita.model import LongVITA, preset
+from longvita.parallel import zigzag_layout
+from longvita.runtime.train.loss import all_reduce_gradients, packed_loss
 
 SLOT = 500
 
@@ -60,8 +61,6 @@ def _grads(model):
 
 
 def _single(seed, batches, dtype=torch.float32):
-    from longvita.dist.train import packed_loss
-
     model = _model(seed, dtype)
     total = torch.zeros((), dtype=torch.float64)
     # the global mean over every batch = sum of per-batch sums / global count
@@ -74,8 +73,6 @@ def _single(seed, batches, dtype=torch.float32):
 
 
 def _cp_step(rank, world, seed, reset):
-    from longvita.dist.train import all_reduce_gradients, packed_loss
-
     out = {}
     for dtype in (torch.float64, torch.float32):
         model = _model(seed, dtype)
@@ -131,29 +128,27 @@ def test_cp_step_equals_single_process(world, reset, tmp_path):
     for rank, r in enumerate(results):
         index, valid = layout.local_to_global(rank)
         mine = {int(slot[i]) // 4 for i, ok in zip(index.tolist(), valid.tolist()) if ok and int(ids[i]) == SLOT}
-        assert r[torch.float64]["tiles"] == max(len(mine), 1), (rank, mine)  # >= 1: see embed_rows(min_tiles)
+        assert r[torch.float64]["tiles"] == max(len(mine), 1), (rank, mine)  # >= 1: see embed_rows(touch_vision)
 
 
 def _fsdp_step(rank, world, seed, cp: int):
     """FSDP2 over every rank; CP groups of `cp` consecutive ranks, each group its own batch."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from longvita.dist.train import packed_loss, shard_model, sum_gradients_loss
+    from longvita.parallel import ParallelDims
+    from longvita.runtime.train.parallelize import parallelize, sum_gradients_loss
 
-    # every rank creates every group, in the same order (torch.distributed's rule)
-    cp_groups = [dist.new_group(list(range(g * cp, (g + 1) * cp))) for g in range(world // cp)]
-    dp_groups = [dist.new_group(list(range(r, world, cp))) for r in range(cp)]
-    cp_group, dp_group = cp_groups[rank // cp], dp_groups[rank % cp]
-    mesh = init_device_mesh("cpu", (world,))
-    model = shard_model(_model(seed), mesh)
-    ids, labels, pixels, cu = _batch(seed + 1 + rank // cp, reset=True)  # one batch per CP group
-    loss = packed_loss(model, ids, labels, pixels, cu_seqlens=cu, cp_group=cp_group, dp_group=dp_group)
-    sum_gradients_loss(loss, mesh).backward()
-    grads = _grads(model)
-    # model.loss works on the sharded model too (the loss runs inside forward, which FSDP2 hooks)
+    mesh = ParallelDims.of(world, cp).build("cpu")
+    module = parallelize(_model(seed), mesh.fsdp)  # the PackedLoss around the model, FSDP2 over every rank
+    ids, labels, pixels, cu = _batch(seed + 1 + mesh.dp_index, reset=True)  # one batch per CP group
+    loss = packed_loss(module, ids, labels, pixels, cu_seqlens=cu, cp_group=mesh.cp_group, dp_group=mesh.dp_group)
+    sum_gradients_loss(loss, mesh.fsdp).backward()
+    grads = _grads(module.model)
+    # the sharded module computes a plain (one-process) loss too: the whole forward is one
+    # FSDP2-hooked call; every rank creates every 1-rank group, in order (torch.distributed's rule)
+    alone = [dist.new_group([r]) for r in range(world)][rank]
     with torch.no_grad():
-        again = model.loss(ids, labels, pixels, cu_seqlens=cu)
+        again = packed_loss(module, ids, labels, pixels, cu_seqlens=cu, cp_group=alone, touch_vision=True)
     return dict(loss=loss.item(), grads=grads, loss_api=again.item())
 
 
@@ -176,7 +171,7 @@ def test_fsdp_and_cp_step_equals_single_process(world, cp, tmp_path):
 
 def test_activation_checkpointing_recomputes_and_keeps_gradients():
     """Every decoder layer and ViT block runs again in the backward; gradients are the same."""
-    from longvita.dist.train import apply_activation_checkpointing, packed_loss
+    from longvita.runtime.train.parallelize import apply_activation_checkpointing
 
     seed = int(torch.randint(0, 2**30, ()).item())
     ids, labels, pixels, cu = _batch(seed, reset=True)

@@ -17,9 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from longvita.cli import main
-from longvita.dist import trainer as trainer_mod
+from longvita.data import MediaConfig, pack_stream
 from longvita.pipeline import load_pipeline
-from longvita.train_recipe import apply_overrides, load_config, recipe
+from longvita.runtime.train import checkpoint as checkpoint_mod
+from longvita.runtime.train import trainer as trainer_mod
+from longvita.runtime.train.recipe import apply_overrides, load_config, recipe
 
 SEQ = "200"
 # a stage-2 run whose steps move the weights visibly: every module trained at 1e-3
@@ -93,21 +95,21 @@ def test_killed_checkpoint_write_resumes_from_previous(straight, tmp_path, capsy
     """The rename of step 4's checkpoint never happens (killed mid-write): the temp folder is
     ignored, --resume starts from step 2 and ends where the straight run ended."""
     _, ref = straight
-    real = trainer_mod.Trainer._rename
+    real = checkpoint_mod.CheckpointManager._publish
 
-    def killed(self, tmp, final):
-        if self.step == 4:
+    def killed(tmp, final):
+        if final.name == "step-0000004":
             raise KeyboardInterrupt
-        return real(self, tmp, final)
+        return real(tmp, final)
 
-    monkeypatch.setattr(trainer_mod.Trainer, "_rename", killed)
+    monkeypatch.setattr(checkpoint_mod.CheckpointManager, "_publish", staticmethod(killed))
     rc, first, _ = _train(capsys, tmp_path, "--steps", "4", "--checkpoint-every", "2")
     assert rc == 130 and len(first) == 4
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["step-0000002", "step-0000004.tmp"]
-    assert trainer_mod.latest_checkpoint(tmp_path).name == "step-0000002"
+    assert checkpoint_mod.latest_checkpoint(tmp_path).name == "step-0000002"
     assert not (tmp_path / "final").exists()
-    monkeypatch.setattr(trainer_mod.Trainer, "_rename", real)
+    monkeypatch.setattr(checkpoint_mod.CheckpointManager, "_publish", staticmethod(real))
     rc, second, err = _train(capsys, tmp_path, "--steps", "4", "--checkpoint-every", "2", "--resume")
     assert rc == 0, err
     assert [x["loss"] for x in second] == [x["loss"] for x in ref[2:]]
@@ -122,8 +124,8 @@ def test_stage1_trains_only_the_projector(tmp_path):
     before = {k: v.clone() for k, v in pipe.model.state_dict().items()}
     manifest = write_synthetic_dataset(tmp_path / "data", 16, 1, image_size=pipe.model.config.vision.image_size)
     r = apply_overrides(recipe(1), {"seq_len": 200, "warmup_steps": 0})
-    stream = trainer_mod.make_stream(manifest, pipe.tokenizer, pipe.special, pipe.model.config,
-                                     seq_len=r.seq_len, reset=r.reset)
+    stream = pack_stream(manifest, pipe.tokenizer, pipe.special, MediaConfig.for_model(pipe.model.config),
+                         seq_len=r.seq_len, reset=r.reset)
     t = trainer_mod.Trainer(pipe.model, pipe.tokenizer, r, stream, steps=2, out=tmp_path / "run")
     assert {g["name"] for g in t.optimizer.param_groups} == {"projector"}
     assert all(g["lr"] == 1e-3 for g in t.optimizer.param_groups)
@@ -205,7 +207,7 @@ def test_nan_loss_stops_with_last_checkpoint_intact(tmp_path, capsys, monkeypatc
     assert rc == 1 and len(lines) == 2
     msg = [x for x in err.splitlines() if "error" in x]
     assert len(msg) == 1 and "step 3: the loss is nan" in msg[0] and "step-0000002" in msg[0], err
-    assert trainer_mod.latest_checkpoint(tmp_path).name == "step-0000002"
+    assert checkpoint_mod.latest_checkpoint(tmp_path).name == "step-0000002"
     assert not (tmp_path / "final").exists()
 
 
@@ -301,8 +303,9 @@ def test_config_file_sets_recipe_and_flags(tmp_path, capsys):
 
 def test_fsdp_step_with_and_without_media(tmp_path):
     """FSDP2 over 2 data-parallel ranks where one rank's pack has images and the other's
-    none: the media-less rank encodes a dummy tile in a label-less document, so both take
-    part in the vision blocks' collectives (without it the run aborts)."""
+    none: the media-less rank runs the vision tower on a black tile with weight 0
+    (``embed_rows(touch_vision=True)``), so both take part in the vision blocks'
+    collectives (without it the run aborts)."""
     from longvita.data.synthetic import write_synthetic_dataset
     from longvita.pipeline import load_pipeline
 
@@ -313,10 +316,13 @@ def test_fsdp_step_with_and_without_media(tmp_path):
     mixed = manifest.parent / "mixed.jsonl"  # media paths are relative to the manifest
     mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pipe = load_pipeline("tiny")
-    stream = trainer_mod.make_stream(mixed, pipe.tokenizer, pipe.special, pipe.model.config, seq_len=int(SEQ),
-                                     reset=True)
-    has_media = [stream.next_pack().pixel_values is not None for _ in range(8)]
-    assert any(a != b for a, b in zip(has_media[::2], has_media[1::2])), has_media  # a mixed step happens
+    # each data-parallel group reads its own strided half of the samples (PackStream.shard)
+    has_media = []
+    for group in range(2):
+        stream = pack_stream(mixed, pipe.tokenizer, pipe.special, MediaConfig.for_model(pipe.model.config),
+                             seq_len=int(SEQ), reset=True).shard(group, 2)
+        has_media.append([stream.next_pack().pixel_values is not None for _ in range(4)])
+    assert any(a != b for a, b in zip(*has_media)), has_media  # a mixed step happens
     lines = _torchrun(2, "--steps", "4", "--cp", "1", "--data", str(mixed), "--out", str(tmp_path / "run"))
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and all(math.isfinite(x["loss"]) for x in lines)
 

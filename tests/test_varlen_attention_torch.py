@@ -281,7 +281,7 @@ _PROBE = textwrap.dedent(
     ids = torch.randint(0, cfg.text.vocab_size, (n,))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.inference_mode():
-        logits = model(ids, logits_index=torch.tensor([n - 1]))
+        logits = model.logits(model(model.embed(ids)), torch.tensor([n - 1]))
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert logits.shape == (1, cfg.text.vocab_size) and bool(torch.isfinite(logits).all())
     print((after - before) * 1024 / 2**30)

@@ -18,7 +18,15 @@ from longvita.data.image import (
     tile_image,
 )
 from longvita.data.synthetic import write_synthetic_dataset
-from longvita.data.template import Conversation, MediaSpan, PackedPrompt, build_conversation, build_inputs, tokens_per_tile
+from longvita.data.template import (
+    Conversation,
+    MediaSpan,
+    PackedPrompt,
+    TokenIds,
+    build_conversation,
+    build_inputs,
+    tokens_per_tile,
+)
 from longvita.data.tokenizer import SPECIAL_TOKENS, SpecialTokens, build_default_tokenizer, load_tokenizer
 from longvita.data.training import (
     IGNORE_INDEX,
@@ -30,6 +38,7 @@ from longvita.data.training import (
     Sample,
     TokenizedSample,
     pack_samples,
+    pack_stream,
     read_manifest,
     stage_ratios,
     tokenize_sample,
@@ -50,6 +59,7 @@ __all__ = [
     "TokenizedSample",
     "build_conversation",
     "pack_samples",
+    "pack_stream",
     "read_manifest",
     "stage_ratios",
     "tokenize_sample",
@@ -62,6 +72,7 @@ __all__ = [
     "ImageTiles",
     "InputError",
     "PackedPrompt",
+    "TokenIds",
     "SPECIAL_TOKENS",
     "SpecialTokens",
     "VideoFrames",

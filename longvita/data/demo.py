@@ -43,15 +43,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from longvita.data.needle_text import CITIES, filler_text, magic_number, magic_sentence
+from longvita.data.palette import COLOURS, SHAPES
+from longvita.data.palette import draw_shape as _draw_shape
 
-__all__ = ["TASKS", "TASK_WEIGHTS", "WARMUP_SAMPLES", "WARMUP_TASK", "DemoExample", "demo_examples", "write_demo_dataset",
-           "DEMO_IMAGE_SIZE", "DEMO_QUESTION"]
+__all__ = ["TASKS", "TASK_WEIGHTS", "WARMUP_SAMPLES", "WARMUP_TASK", "DemoExample", "demo_examples", "demo_picture",
+           "write_demo_dataset", "write_clip", "have_pyav", "DEMO_IMAGE_SIZE", "DEMO_QUESTION"]
 
 DEMO_IMAGE_SIZE = 112
 TASKS = ("colour", "shape", "count", "text", "which", "frame", "retrieval", "repeat")
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (35, 80, 230), "yellow": (235, 215, 20),
-           "purple": (140, 40, 185), "orange": (245, 135, 20), "white": (250, 250, 250), "black": (12, 12, 12)}
-SHAPES = ("circle", "square", "triangle", "star")
 TEXTS = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "cat", "sun", "box", "map", "owl", "pen")
 ORDINALS = ("first", "second", "third")
 
@@ -123,22 +122,6 @@ def _background(rng: random.Random, size: int, avoid: tuple | None = None) -> Im
     # noisy: grey noise, low contrast, so shapes stay visible
     arr = np.random.default_rng(rng.randrange(2**32)).integers(100, 180, (size, size, 1), dtype=np.uint8)
     return Image.fromarray(np.repeat(arr, 3, axis=2))
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    else:
-        import math
-
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-        draw.polygon([(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
-                       cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)], fill=fill)
 
 
 def _jitter(rng: random.Random, size: int) -> int:
@@ -295,7 +278,16 @@ def _schedule(weights: dict[str, int], videos: bool) -> list[str]:
     return cycle
 
 
-def _have_av() -> bool:
+def demo_picture(seed: int, size: int = DEMO_IMAGE_SIZE) -> tuple[Image.Image, str, str]:
+    """The picture ``longvita generate`` shows the demo model by default: one coloured
+    shape like those it learnt from, drawn from ``seed``. Returns (image, colour, shape):
+    the colour is the right answer to ``DEMO_QUESTION``."""
+    rng = random.Random(f"generate-{seed}")
+    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+    return shape_image(rng, colour, shape, size), colour, shape
+
+
+def have_pyav() -> bool:
     try:
         import av  # noqa: F401
     except ImportError:
@@ -312,7 +304,7 @@ def demo_examples(n_per_task: int, seed: int, tasks: tuple[str, ...] | None = No
     return [make_example(rng, t, size) for t in (tasks or TASKS) for _ in range(n_per_task)]
 
 
-def _write_clip(path: Path, frames: list, fps: int = 1) -> None:
+def write_clip(path: Path, frames: list, fps: int = 1) -> None:
     import av
 
     size = frames[0].size[0]
@@ -348,7 +340,7 @@ def write_demo_dataset(folder: str | Path, n_samples: int, seed: int = 0, *, vid
     (``WARMUP_TASK``), then tasks in the proportions of ``weights`` (default
     ``TASK_WEIGHTS``; ``frame`` needs PyAV). Same arguments, same files."""
     if videos is None:
-        videos = _have_av()
+        videos = have_pyav()
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     folder = Path(folder)
@@ -363,7 +355,7 @@ def write_demo_dataset(folder: str | Path, n_samples: int, seed: int = 0, *, vid
         record: dict = {"source": f"demo-{ex.task}"}
         if ex.frames:
             rel = f"media/{i:06d}.mp4"
-            _write_clip(folder / rel, ex.frames)
+            write_clip(folder / rel, ex.frames)
             record["videos"] = [rel]
             content = "<video>\n" + ex.question
         elif ex.images:

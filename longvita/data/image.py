@@ -232,19 +232,30 @@ def load_image(path: str | Path, *, image_size: int = 448, min_num: int = 1, max
         raise InputError(f"image file {str(path)!r} is corrupt or unreadable: {exc}") from None
 
 
+def _grid_insertions(min_num: int, max_num: int):
+    """The (cols, rows) pairs in the order InternVL's set comprehension
+    ``{(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in
+    range(1, n + 1) if min_num <= i * j <= max_num}`` first inserts them (a pair first
+    appears at n = max(i, j, min_num), in (i, j) order), without its O(max_num**3) loop:
+    O(max_num log max_num). The same insertions give the same set, hence the same order."""
+    for i in range(1, min_num + 1):  # first seen at n = min_num
+        for j in range(1, min_num + 1):
+            if min_num <= i * j <= max_num:
+                yield i, j
+    for n in range(min_num + 1, max_num + 1):  # first seen at n = max(i, j) > min_num
+        low = -(-min_num // n)  # the smallest partner with i * n >= min_num
+        for i in range(low, min(n - 1, max_num // n) + 1):
+            yield i, n
+        for j in range(low, min(n, max_num // n) + 1):
+            yield n, j
+
+
 def candidate_grids(min_num: int = 1, max_num: int = 12) -> list[tuple[int, int]]:
     """(cols, rows) candidates with min_num <= cols*rows <= max_num, in InternVL's order
     (the same set stably sorted by area; see the module docstring for why)."""
-    if not (1 <= min_num <= max_num):
+    if not (isinstance(min_num, int) and isinstance(max_num, int) and 1 <= min_num <= max_num):
         raise ValueError(f"need 1 <= min_num <= max_num, got min_num={min_num}, max_num={max_num}")
-    ratios = set(
-        (i, j)
-        for n in range(min_num, max_num + 1)
-        for i in range(1, n + 1)
-        for j in range(1, n + 1)
-        if min_num <= i * j <= max_num
-    )
-    return sorted(ratios, key=lambda r: r[0] * r[1])
+    return sorted(set(_grid_insertions(min_num, max_num)), key=lambda r: r[0] * r[1])
 
 
 def choose_grid(width: int, height: int, *, image_size: int = 448, min_num: int = 1, max_num: int = 12) -> tuple[int, int]:

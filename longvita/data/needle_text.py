@@ -1,5 +1,5 @@
 """LongVA's text needle ("The special magic {city} number is: {7 digits}.") and the filler
-prose it hides in, shared by the NIAH evaluation (``longvita.eval.needles``) and the demo
+prose it hides in, shared by the NIAH evaluation (``longvita.eval.niah.needles``) and the demo
 model's retrieval task (``longvita.data.demo``): the demo learns exactly the format the
 text NIAH grid asks, so its heatmap on a CPU measures retrieval, not format transfer.
 """

@@ -1,7 +1,7 @@
 """A small synthetic vision-language data set, generated in code (the embedded default
 for training demos; nothing is downloaded).
 
-Images are drawn with PIL: a coloured shape (square, circle or triangle) on a plain
+Images are drawn with PIL: a coloured shape (circle, square or triangle) on a plain
 background beside a rendered word or digit. Videos (only when PyAV is importable) are
 short mp4 clips of a shape moving across the frame. Each sample is a ChatML conversation
 about its media with short, checkable answers ("What colour is the square?" -> "red").
@@ -16,23 +16,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["COLOURS", "SHAPES", "WORDS", "write_synthetic_dataset"]
+from longvita.data.palette import COLOURS as PALETTE
+from longvita.data.palette import SHAPES as ALL_SHAPES
+from longvita.data.palette import draw_shape as _draw_shape
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (230, 210, 20),
-           "purple": (140, 40, 180), "orange": (240, 130, 20)}
-SHAPES = ("square", "circle", "triangle")
+__all__ = ["COLOURS", "SHAPES", "WORDS", "synthetic_picture", "write_synthetic_dataset"]
+
+# the palette's colours that stand out on both of this set's backgrounds, and its simplest shapes
+COLOURS = {name: rgb for name, rgb in PALETTE.items() if name not in ("white", "black")}
+SHAPES = ALL_SHAPES[:3]
 WORDS = ("cat", "sun", "box", "map", "7", "3", "42", "9")
 DIRECTIONS = ("left to right", "right to left")
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "circle":
-        draw.ellipse(box, fill=fill)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
 def _image(rng: random.Random, width: int, height: int) -> tuple[Image.Image, dict]:
@@ -99,6 +93,18 @@ def _text_sample(rng: random.Random) -> dict:
     a, b = rng.randint(0, 20), rng.randint(0, 20)
     return {"source": "synthetic-text",
             "messages": [{"role": "user", "content": f"What is {a} plus {b}?"}, {"role": "assistant", "content": str(a + b)}]}
+
+
+def synthetic_picture(seed: int, size: int = 96) -> Image.Image:
+    """A deterministic test picture (colour gradients and a disc): what ``longvita generate``
+    shows a model that has no picture of its own (the random tiny model)."""
+    rng = np.random.default_rng(seed)
+    h, w = size, int(size * 1.5)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx / w * 255, yy / h * 255, np.full_like(xx, rng.integers(0, 255))], -1)
+    cy, cx, r = h / 2, w / 3, h / 4
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 255, 3)
+    return Image.fromarray(img.astype("uint8"), "RGB")
 
 
 def write_synthetic_dataset(folder: str | Path, n_samples: int = 64, seed: int = 0, *, image_size: int = 56,

@@ -31,19 +31,30 @@ building a string of a million placeholders.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
 from tokenizers import Tokenizer
 
+from longvita.common import IGNORE_INDEX
 from longvita.data.errors import InputError
 from longvita.data.image import DEFAULT_PREPROCESS, LONG_VITA, ImageTiles, check_preprocess, normalize
 from longvita.data.tokenizer import SpecialTokens
 
-__all__ = ["Conversation", "MediaSpan", "PackedPrompt", "Segment", "build_conversation", "build_inputs", "tokens_per_tile"]
+__all__ = ["Conversation", "MediaSpan", "PackedPrompt", "Segment", "TokenIds", "build_conversation", "build_inputs",
+           "tokens_per_tile"]
 
-Segment = Union[str, ImageTiles, torch.Tensor]
+
+@dataclass(frozen=True)
+class TokenIds:
+    """A segment of text already tokenised (e.g. a haystack cut at a token depth), laid
+    into the prompt as these ids. They must not hold media tokens."""
+
+    ids: Sequence[int]
+
+
+Segment = Union[str, ImageTiles, torch.Tensor, TokenIds]
 
 
 def tokens_per_tile(image_size: int = 448, patch_size: int = 14, downsample_ratio: float = 0.5) -> int:
@@ -77,7 +88,8 @@ class _Layout:
     one implementation of the layout, shared by ``build_inputs`` (a prompt) and
     ``build_conversation`` (a training sample with labels)."""
 
-    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens, tokens_per_tile: int, preprocess: str):
+    def __init__(self, tokenizer: Tokenizer, special: SpecialTokens, tokens_per_tile: int, preprocess: str,
+                 split_special_tokens: bool = False):
         check_preprocess(preprocess)
         if tokens_per_tile < 1:
             raise ValueError(f"tokens_per_tile must be >= 1, got {tokens_per_tile}")
@@ -87,16 +99,36 @@ class _Layout:
         self.ids: list[int] = []
         self.pixels: list[torch.Tensor] = []
         self.spans: list[MediaSpan] = []
-        self.pending_text: list[str] = []  # adjacent text is tokenised as one run
+        self.token_spans: list[tuple[int, int]] = []  # where each TokenIds segment landed
+        self.pending_text: list[tuple[str, bool]] = []  # adjacent text is tokenised as one run
         self.n_tiles = 0
+        self.split_special_tokens = split_special_tokens
 
-    def text(self, s: str) -> None:
-        self.pending_text.append(s)
+    def text(self, s: str, content: bool = False) -> None:
+        """Queue text; ``content``: it comes from the caller (a prompt, a turn's content),
+        not from the template, so with ``split_special_tokens`` its special-token strings
+        are spelled out as plain text."""
+        self.pending_text.append((s, content))
+
+    def _encode(self, text: str, literal: bool) -> list[int]:
+        if not literal:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        saved = self.tokenizer.encode_special_tokens
+        self.tokenizer.encode_special_tokens = True  # tokenizers' switch: special tokens become plain text
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = saved
 
     def flush_text(self) -> None:
         if not self.pending_text:
             return
-        run = self.tokenizer.encode("".join(self.pending_text), add_special_tokens=False).ids
+        if self.split_special_tokens and any(c for _, c in self.pending_text):
+            # template text and content are tokenised apart (they meet at special-token
+            # boundaries, where the tokenizer splits anyway, or at plain text)
+            run = [t for text, content in self.pending_text for t in self._encode(text, content)]
+        else:
+            run = self._encode("".join(text for text, _ in self.pending_text), False)
         bad = self.media_ids.intersection(run)
         if bad:
             names = sorted(self.tokenizer.id_to_token(t) for t in bad)
@@ -116,7 +148,15 @@ class _Layout:
         """Append segment ``k`` (text, image tiles or video frames)."""
         special, ids = self.special, self.ids
         if isinstance(seg, str):
-            self.text(seg)
+            self.text(seg, content=True)
+            return
+        if isinstance(seg, TokenIds):
+            bad = self.media_ids.intersection(seg.ids)
+            if bad:
+                raise InputError(f"segment {k} (token ids) contains media token id(s) {sorted(bad)}")
+            self.flush_text()
+            self.token_spans.append((len(ids), len(ids) + len(seg.ids)))
+            ids.extend(int(t) for t in seg.ids)
             return
         if isinstance(seg, ImageTiles):
             if seg.preprocess != self.preprocess:
@@ -162,7 +202,7 @@ class _Layout:
                 ids += frame * seg.shape[0]
             self._span(first, seg.shape[0])
         else:
-            raise InputError(f"segment {k} must be str, ImageTiles or a video tensor, got {type(seg).__name__}")
+            raise InputError(f"segment {k} must be str, TokenIds, ImageTiles or a video tensor, got {type(seg).__name__}")
 
     def _span(self, first: int, n_tiles: int) -> None:
         self.spans.append(MediaSpan(first, len(self.ids), self.n_tiles, self.n_tiles + n_tiles))
@@ -196,19 +236,28 @@ def build_inputs(
     tokens_per_tile: int,
     system: str | None = None,
     preprocess: str = DEFAULT_PREPROCESS,
+    split_special_tokens: bool = False,
 ) -> PackedPrompt:
     """Lay out one user turn of ChatML with interleaved media in ``preprocess``'s layout
     (see the module docstring).
 
-    segments: str, ImageTiles, or a video tensor ``(frames, 3, S, S)``; every tile of
-        every medium must share S.
+    segments: str, TokenIds, ImageTiles, or a video tensor ``(frames, 3, S, S)``; every
+        tile of every medium must share S.
     tokens_per_tile: N context tokens per tile (``tokens_per_tile()`` computes it).
     Raises InputError for a malformed segment, for an ImageTiles made for another
     family (its thumbnail would sit at the wrong place), for text that contains a media
-    token (it would desynchronise tokens and pixels), or for a token the tokenizer lacks."""
-    layout = _Layout(tokenizer, special, tokens_per_tile, preprocess)
+    token (it would desynchronise tokens and pixels), or for a token the tokenizer lacks.
+
+    split_special_tokens: False (default, as transformers' tokenizers): a chat-control
+    string typed in the text (``<|im_start|>``, ``<|im_end|>``) becomes that control token,
+    so a user can open a turn of their own. True: such strings in the segments and the
+    system text are tokenised as plain characters; use it for untrusted text. (Media
+    tokens in text are refused either way.)"""
+    layout = _Layout(tokenizer, special, tokens_per_tile, preprocess, split_special_tokens)
     if system is not None:
-        layout.text(f"<|im_start|>system\n{system}<|im_end|>\n")
+        layout.text("<|im_start|>system\n")
+        layout.text(system, content=True)
+        layout.text("<|im_end|>\n")
     layout.text("<|im_start|>user\n")
     for k, seg in enumerate(segments):
         layout.segment(k, seg)
@@ -230,14 +279,16 @@ class Conversation:
         newline after ``<|im_end|>``). Unshifted; ``shifted_labels`` turns it into labels.
     pixel_values: as in PackedPrompt.
     media: one MediaSpan per medium, in order.
+    token_spans: the ``[start, end)`` of each ``TokenIds`` segment, in order.
     """
 
     input_ids: torch.Tensor
     target_mask: torch.Tensor
     pixel_values: torch.Tensor | None
     media: list[MediaSpan]
+    token_spans: list[tuple[int, int]] = field(default_factory=list)
 
-    def shifted_labels(self, ignore_index: int = -100) -> torch.Tensor:
+    def shifted_labels(self, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """Labels already shifted within the sample: row i holds ``input_ids[i+1]`` when
         token i+1 is a target, else ``ignore_index``; the last row is always ignored, so
         packing samples side by side never pairs one sample's last token with the next's first."""
@@ -255,6 +306,7 @@ def build_conversation(
     tokens_per_tile: int,
     preprocess: str = DEFAULT_PREPROCESS,
     pixels: bool = True,
+    split_special_tokens: bool = False,
 ) -> Conversation:
     """Lay out a whole ChatML conversation ``<|im_start|>{role}\\n{content}<|im_end|>\\n``
     per turn, media laid out as ``build_inputs`` does, and mark the assistant targets.
@@ -266,9 +318,10 @@ def build_conversation(
     ``pixels=False`` lays out the tokens only (``pixel_values`` None): for media whose
     embeddings come from elsewhere (a cache), a video segment may then be a stand-in such
     as ``torch.zeros(1, 3, S, S, dtype=torch.uint8).expand(F, -1, -1, -1)``.
+    ``split_special_tokens``: as for ``build_inputs``, for every turn's text.
     Raises InputError for an unknown role, media outside a user turn, or anything
     ``build_inputs`` rejects."""
-    layout = _Layout(tokenizer, special, tokens_per_tile, preprocess)
+    layout = _Layout(tokenizer, special, tokens_per_tile, preprocess, split_special_tokens)
     mask: list[bool] = []
 
     def mark(target: bool) -> None:
@@ -284,7 +337,7 @@ def build_conversation(
         layout.text(f"<|im_start|>{role}\n")
         if role == "assistant":
             mark(False)
-            layout.text("".join(segments))
+            layout.text("".join(segments), content=True)
             layout.flush_text()
             layout.ids.append(special.im_end)  # direct id: the content run ends here
             mark(True)
@@ -296,4 +349,4 @@ def build_conversation(
             layout.text("<|im_end|>\n")
     mark(False)
     return Conversation(torch.tensor(layout.ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool),
-                        layout.pixel_values() if pixels else None, layout.spans)
+                        layout.pixel_values() if pixels else None, layout.spans, layout.token_spans)

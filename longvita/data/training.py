@@ -18,8 +18,8 @@ Manifest (one JSON object per line; blank lines and lines starting with ``#`` ar
   the manifest's file stem.
 
 Labels are shifted inside each sample (row i holds the token row i must predict, or
--100), so packs need no further shift and no pair crosses a sample boundary; the loss is
-``cross_entropy(logits, labels, ignore_index=-100)`` row by row.
+``IGNORE_INDEX``), so packs need no further shift and no pair crosses a sample boundary;
+the loss is ``cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)`` row by row.
 
 Packing is sequential: samples are laid into the current pack in stream order until the
 next one does not fit; the pack is then padded to ``seq_len`` and the sample that did not
@@ -41,6 +41,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from longvita.common import IGNORE_INDEX
 from longvita.data.errors import InputError
 from longvita.data.image import DEFAULT_PREPROCESS, check_preprocess, load_image, normalize, tile_image
 from longvita.data.template import MediaSpan, build_conversation
@@ -57,13 +58,13 @@ __all__ = [
     "Sample",
     "TokenizedSample",
     "pack_samples",
+    "pack_stream",
     "read_manifest",
     "stage_ratios",
     "tokenize_sample",
     "truncate",
 ]
 
-IGNORE_INDEX = -100
 _PLACEHOLDER = re.compile(r"<image>|<video>")
 
 
@@ -124,30 +125,36 @@ def read_manifest(path: str | Path, *, source: str | None = None) -> list[Sample
         raise InputError(f"manifest {str(path)!r} does not exist or is not a file")
     root = path.parent
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, text in enumerate(f, 1):
-            text = text.strip()
-            if not text or text.startswith("#"):
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise _bad(path, line_no, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise _bad(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-            media = {}
-            for key in ("images", "videos"):
-                value = obj.get(key, [])
-                if isinstance(value, str):
-                    value = [value]
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                    raise _bad(path, line_no, f"'{key}' must be a list of paths")
-                media[key] = [p if Path(p).is_absolute() else root / p for p in map(Path, value)]
-            _check_messages(obj.get("messages"), len(media["images"]), len(media["videos"]), path, line_no)
-            src = source if source is not None else obj.get("source", path.stem)
-            if not isinstance(src, str):
-                raise _bad(path, line_no, "'source' must be a string")
-            samples.append(Sample(obj["messages"], media["images"], media["videos"], src, f"{path}:{line_no}"))
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"manifest {str(path)!r} is unreadable ({exc.strerror or exc})") from None
+    for line_no, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise _bad(path, line_no, f"not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+        if not text or text.startswith("#"):
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise _bad(path, line_no, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(obj, dict):
+            raise _bad(path, line_no, f"expected a JSON object, got {type(obj).__name__}")
+        media = {}
+        for key in ("images", "videos"):
+            value = obj.get(key, [])
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise _bad(path, line_no, f"'{key}' must be a list of paths")
+            media[key] = [p if Path(p).is_absolute() else root / p for p in map(Path, value)]
+        _check_messages(obj.get("messages"), len(media["images"]), len(media["videos"]), path, line_no)
+        src = source if source is not None else obj.get("source", path.stem)
+        if not isinstance(src, str):
+            raise _bad(path, line_no, "'source' must be a string")
+        samples.append(Sample(obj["messages"], media["images"], media["videos"], src, f"{path}:{line_no}"))
     return samples
 
 
@@ -171,6 +178,13 @@ class MediaConfig:
 
     def __post_init__(self):
         check_preprocess(self.preprocess, "MediaConfig.preprocess")
+
+    @classmethod
+    def for_model(cls, config, **overrides) -> "MediaConfig":
+        """The media settings a model's config implies (a ``LongVITAConfig``, read by its
+        fields: this layer does not import the model)."""
+        return cls(tokens_per_tile=config.tokens_per_tile, image_size=config.vision.image_size,
+                   preprocess=config.preprocess, **overrides)
 
 
 @dataclass
@@ -264,14 +278,14 @@ class Pack:
     """One fixed-length training sequence.
 
     input_ids / labels: int64 ``(n,)`` with n = seq_len; padding has ``pad_id`` and
-        label -100. Labels are already shifted (no shift in the loss).
+        label IGNORE_INDEX. Labels are already shifted (no shift in the loss).
     position_ids: int64 ``(n,)``: restarting at 0 per sample when ``reset``, else 0..n-1.
     cu_seqlens: int32 document boundaries for varlen attention: per sample (the padding
         a document of its own) when ``reset``, else ``[0, n]``.
     max_seqlen: longest document (int, so attention needs no host sync).
     pixel_values: ``(T, 3, S, S)`` tiles in the order of the pack's context tokens (uint8
         when every tile is uint8, else float), or None.
-    num_valid: labels that are not -100 (the cross-entropy denominator).
+    num_valid: labels that are not IGNORE_INDEX (the cross-entropy denominator).
     sources: source of each sample, in order; names: their "file:line" names.
     skipped_media: "file: reason" for each sample skipped while building this pack.
     """
@@ -336,7 +350,11 @@ class Mixture:
     1.0; 0 = unused). Epoch e takes ``round(ratio * len)`` samples of each source from
     its own seeded permutations and shuffles them together, all from ``(seed, e)``, so
     the order depends only on the seed. ``state_dict()`` is the position (epoch, index);
-    ``load_state_dict`` continues from it exactly."""
+    ``load_state_dict`` continues from it exactly.
+
+    ``shard(index, count)`` makes this stream the index-th of ``count`` strided views of it
+    (samples index, index + count, ... of the endless sequence), so data-parallel groups
+    read disjoint samples without drawing each other's."""
 
     def __init__(self, sources: Mapping[str, Sequence[Sample]], ratios: Mapping[str, float] | None = None, *,
                  seed: int = 0, shuffle: bool = True):
@@ -353,7 +371,19 @@ class Mixture:
             raise ValueError("the mixture selects no samples (every source is empty or has ratio 0)")
         self.seed, self.shuffle = seed, shuffle
         self.epoch, self.index = 0, 0
+        self.stride = 1
         self._order: list[tuple[str, int]] | None = None
+
+    def shard(self, index: int, count: int) -> "Mixture":
+        """Read only every ``count``-th sample from the ``index``-th on (from the current
+        position, which must be the start). Returns ``self``."""
+        if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+            raise ValueError(f"shard needs 0 <= index < count, got index={index!r}, count={count!r}")
+        if (self.epoch, self.index) != (0, 0) or self.stride != 1:
+            raise ValueError("shard() must be called once, before the first sample is drawn")
+        self.stride = count
+        self._advance(index)
+        return self
 
     @classmethod
     def from_samples(cls, samples: Sequence[Sample], ratios: Mapping[str, float] | None = None, **kwargs) -> "Mixture":
@@ -397,13 +427,20 @@ class Mixture:
             self._order = self.epoch_order(self.epoch)
         return self._order
 
+    def samples_per_epoch(self) -> int:
+        """Samples this stream reads in one pass over its sources (its strided share)."""
+        return max(1, -(-len(self._current()) // self.stride))
+
+    def _advance(self, steps: int) -> None:
+        self.index += steps
+        while self.index >= len(self._current()):
+            self.index -= len(self._current())
+            self.epoch, self._order = self.epoch + 1, None
+
     def next(self) -> Sample:
-        """The sample at the current position; advances the position."""
-        order = self._current()
-        name, i = order[self.index]
-        self.index += 1
-        if self.index == len(order):
-            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        """The sample at the current position; advances the position (by the stride)."""
+        name, i = self._current()[self.index]
+        self._advance(self.stride)
         return self.sources[name][i]
 
     def __iter__(self) -> Iterator[Sample]:
@@ -411,11 +448,14 @@ class Mixture:
             yield self.next()
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "stride": self.stride}
 
     def load_state_dict(self, state: Mapping) -> None:
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"data state was saved with seed {state['seed']}, this mixture has seed {self.seed}")
+        if state.get("stride", self.stride) != self.stride:
+            raise ValueError(f"data state was saved reading every {state['stride']}th sample, this mixture reads "
+                             f"every {self.stride}th (resume with the same number of data-parallel groups)")
         self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
 
 
@@ -472,11 +512,23 @@ class PackStream:
             self._pending = None
             if used == self.seq_len:
                 break
+            if len(samples) > self.mixture.samples_per_epoch():
+                raise InputError(
+                    f"--seq-len {self.seq_len}: one pack needs more than the whole data set ({len(samples) - 1} samples, "
+                    f"{used - len(tok)} tokens in one pass); use a shorter --seq-len or more data")
         return pack_samples(samples, self.seq_len, reset=self.reset, pad_id=self.pad_id, skipped_media=skipped)
 
     def __iter__(self) -> Iterator[Pack]:
         while True:
             yield self.next_pack()
+
+    def shard(self, index: int, count: int) -> "PackStream":
+        """Pack only the index-th of ``count`` strided parts of the samples (``Mixture.shard``):
+        each data-parallel group tokenises only its own packs. Returns ``self``."""
+        if self._pending is not None:
+            raise ValueError("shard() must be called before the first pack is drawn")
+        self.mixture.shard(index, count)
+        return self
 
     def state_dict(self) -> dict:
         return dict(self._pending[0]) if self._pending is not None else self.mixture.state_dict()
@@ -484,3 +536,16 @@ class PackStream:
     def load_state_dict(self, state: Mapping) -> None:
         self.mixture.load_state_dict(state)
         self._pending = None
+
+
+def pack_stream(manifest: str | Path, tokenizer: Tokenizer, special: SpecialTokens, media: MediaConfig, *,
+                seq_len: int, reset: bool, seed: int = 0, in_order: bool = False) -> PackStream:
+    """A ``PackStream`` over one manifest's samples (a source per sample ``source``).
+    ``in_order``: the samples in the manifest's own order, every epoch (a manifest written
+    as a curriculum, as the demo set is), instead of a seeded shuffle per epoch."""
+    samples = read_manifest(manifest)
+    if in_order:  # one source keeps the file's order (sources are otherwise laid out one after another)
+        mixture = Mixture({"manifest": samples}, seed=seed, shuffle=False)
+    else:
+        mixture = Mixture.from_samples(samples, seed=seed)
+    return PackStream(mixture, tokenizer, seq_len, media, reset=reset, special=special)

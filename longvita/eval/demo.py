@@ -14,9 +14,10 @@ from typing import Callable
 
 import torch
 
-from longvita.data.demo import TASKS, DemoExample, _have_av, _write_clip, demo_examples
+from longvita.data.demo import TASKS, DemoExample, have_pyav, write_clip, demo_examples
 from longvita.data.image import tile_image
 from longvita.data.template import build_inputs
+from longvita.runtime.generation import generate
 
 __all__ = ["evaluate_demo", "answer"]
 
@@ -26,7 +27,7 @@ def _segments(example: DemoExample, image_size: int, preprocess: str, tmp: Path)
 
     if example.frames:
         path = tmp / "clip.mp4"
-        _write_clip(path, example.frames)
+        write_clip(path, example.frames)
         video = read_video(path, image_size=image_size, preprocess=preprocess, raw=True)
         return [video.pixel_values, "\n" + example.question]
     if example.images:
@@ -43,8 +44,8 @@ def answer(pipe, example: DemoExample, max_new_tokens: int = 8, tmp: Path | None
         segments = _segments(example, cfg.vision.image_size, cfg.preprocess, Path(tmp or scratch))
         prompt = build_inputs(pipe.tokenizer, pipe.special, segments, tokens_per_tile=cfg.tokens_per_tile,
                               preprocess=cfg.preprocess)
-    ids = list(pipe.model.generate(prompt.input_ids.to(pipe.device), prompt.pixel_values,
-                                   max_new_tokens=max_new_tokens, eos_token_id=pipe.special.eos_token_id))
+    ids = list(generate(pipe.model, prompt.input_ids, prompt.pixel_values, max_new_tokens=max_new_tokens,
+                        eos_token_id=pipe.special.eos_token_id))
     if ids and ids[-1] == pipe.special.eos_token_id:
         ids = ids[:-1]
     return pipe.tokenizer.decode(ids).strip()
@@ -54,7 +55,7 @@ def evaluate_demo(pipe, n_per_task: int = 20, seed: int = 0, tasks: tuple[str, .
                   progress: Callable[[], None] | None = None) -> dict:
     """Accuracy per task on ``n_per_task`` held-out examples of each task (the ``frame``
     task only with PyAV). Returns {task: {"accuracy", "n", "wrong": [(question, answer, got)]}}."""
-    tasks = tasks or tuple(t for t in TASKS if t != "frame" or _have_av())
+    tasks = tasks or tuple(t for t in TASKS if t != "frame" or have_pyav())
     examples = demo_examples(n_per_task, seed, tasks, size=pipe.model.config.vision.image_size)
     right, wrong = defaultdict(int), defaultdict(list)
     for ex in examples:

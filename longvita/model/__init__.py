@@ -1,6 +1,14 @@
 """The Long-VITA model in plain PyTorch: config, vision encoder, projector, text decoder,
-the composed model, and checkpoint I/O."""
+the composed model (embed -> decoder -> logits / loss), the decoder's attention
+interface, and checkpoint I/O. Imports ``longvita.kernels`` and nothing distributed."""
 
+from longvita.model.attention import (  # noqa: F401
+    CachedAttention,
+    DecoderAttention,
+    KVCache,
+    PackedAttention,
+    positions_from_cu_seqlens,
+)
 from longvita.model.checkpoint import CheckpointError  # noqa: F401
 from longvita.model.config import (  # noqa: F401
     LongVITAConfig,
@@ -9,12 +17,10 @@ from longvita.model.config import (  # noqa: F401
     VisionConfig,
     preset,
 )
-from longvita.model.longvita import LongVITA, positions_from_cu_seqlens  # noqa: F401
-from longvita.model.sampling import Sampling  # noqa: F401
-from longvita.model.attention import CachedAttention, DecoderAttention, KVCache, PackedAttention  # noqa: F401
+from longvita.model.longvita import LongVITA  # noqa: F401
 
 __all__ = [
     "LongVITA", "LongVITAConfig", "VisionConfig", "ProjectorConfig", "TextConfig", "preset",
     "KVCache", "CheckpointError", "positions_from_cu_seqlens",
-    "DecoderAttention", "PackedAttention", "CachedAttention", "Sampling",
+    "DecoderAttention", "PackedAttention", "CachedAttention",
 ]

@@ -21,13 +21,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 
 import torch
 
+from longvita.common import LongVITAError
+from longvita.files import OutputError, write_atomic
 from longvita.model.config import PREPROCESS_FAMILIES, LongVITAConfig, ProjectorConfig, TextConfig, VisionConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LongVITAError, ValueError):
     """A checkpoint folder that is missing, corrupt, or does not match the model."""
 
 
@@ -89,30 +92,39 @@ def detect_layout(cfg: dict) -> str:
     raise ValueError(f"unknown model_type {mt!r} (expected internvl, long_vita or internvl_chat)")
 
 
+def _section(cfg: dict, key: str) -> dict:
+    value = cfg[key]
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def config_from_dict(cfg: dict, layout: str) -> LongVITAConfig:
     """Model config from a checkpoint's config.json (projector shape filled in later from weights)."""
     if layout == "transformers":
-        text = _text_config(cfg["text_config"])
+        text = _text_config(_section(cfg, "text_config"))
         layer = cfg.get("vision_feature_layer", -1)
-        vision = _vision_config(cfg["vision_config"], layer)
+        vision = _vision_config(_section(cfg, "vision_config"), layer)
         tie = cfg.get("tie_word_embeddings", cfg["text_config"].get("tie_word_embeddings", False))
         scale = cfg.get("downsample_ratio", 0.5)
         ids = (cfg["image_token_id"],) if "image_token_id" in cfg else ()
         ids = tuple(cfg.get("longvita_image_token_ids", ids))
     elif layout == "long_vita":
         text = _text_config(cfg)
-        vis = cfg["visual"]
+        vis = _section(cfg, "visual")
         vision = _vision_config(vis, vis.get("select_layer", cfg.get("select_layer", -1)))
         tie = cfg.get("tie_word_embeddings", False)
         scale = vis.get("downsample_ratio", cfg.get("downsample_ratio", 0.5))
         ids = ()
     else:
-        text = _text_config(cfg["llm_config"])
-        vision = _vision_config(cfg["vision_config"], cfg.get("select_layer", -1))
+        text = _text_config(_section(cfg, "llm_config"))
+        vision = _vision_config(_section(cfg, "vision_config"), cfg.get("select_layer", -1))
         tie = cfg["llm_config"].get("tie_word_embeddings", False)
         scale = cfg.get("downsample_ratio", 0.5)
         ids = ()
-    proj = ProjectorConfig(scale_factor=scale, layer_norm_eps=cfg.get("projector_layer_norm_eps", 1e-5))
+    # transformers' InternVL config names the projector's activation; the other layouts' is GELU
+    act = cfg.get("projector_hidden_act", "gelu") if layout == "transformers" else "gelu"
+    proj = ProjectorConfig(scale_factor=scale, layer_norm_eps=cfg.get("projector_layer_norm_eps", 1e-5), hidden_act=act)
     # each family's checkpoints were trained on its own pixels and token layout
     preprocess = cfg.get("longvita_preprocess", _LAYOUT_PREPROCESS[layout])
     if preprocess not in PREPROCESS_FAMILIES:
@@ -200,13 +212,40 @@ def map_state_dict(raw: dict[str, torch.Tensor], layout: str) -> tuple[dict[str,
 
 
 def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; CheckpointError naming the file for anything else."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _shard_paths(folder: str, index: str) -> list[str]:
+    """The shard files an index names, each checked to be a regular file inside ``folder``
+    (an index is data from the checkpoint's author: '../x', an absolute path or a link out
+    of the folder would read another file, and a FIFO would block the load forever)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> shard file name")
+    root = os.path.realpath(folder)
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = os.path.realpath(os.path.join(root, name))
+        if os.path.isabs(name) or os.path.commonpath([root, path]) != root:
+            raise CheckpointError(f"{index}: shard {name!r} lies outside the checkpoint folder")
+        if not os.path.lexists(path):
+            raise CheckpointError(f"{os.path.join(folder, name)}: shard named in the index is missing")
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CheckpointError(f"{index}: shard {name!r} is not a regular file")
+        files.append(path)
+    return files
 
 
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
@@ -216,26 +255,44 @@ def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
 
     single = os.path.join(folder, "model.safetensors")
     index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(single):
+    if os.path.lexists(single):
+        if not os.path.isfile(single):
+            raise CheckpointError(f"{single}: not a regular file")
         files = [single]
     elif os.path.exists(index):
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
-        files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+        files = _shard_paths(folder, index)
     else:
         raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     from tqdm.auto import tqdm
 
     state = {}
     for f in tqdm(files, desc=f"loading {os.path.basename(os.path.abspath(folder))}", unit="shard", disable=len(files) < 2):
-        if not os.path.exists(f):
-            raise CheckpointError(f"{f}: shard named in the index is missing")
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{f}: corrupt safetensors file ({exc})") from None
     return state
+
+
+def _summary(keys: list[str], most: int = 4) -> str:
+    """A long list of keys in one short line: the count and the first few."""
+    shown = ", ".join(keys[:most])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > most else ''})"
+
+
+def read_config(folder: str) -> LongVITAConfig:
+    """The validated model config of a checkpoint folder, without reading its weights (the
+    projector's width and biases, which the weights decide, keep their defaults)."""
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    config_path = os.path.join(folder, "config.json")
+    raw_cfg = _read_json(config_path)
+    try:
+        return config_from_dict(raw_cfg, detect_layout(raw_cfg)).validate()
+    except KeyError as exc:
+        raise CheckpointError(f"{config_path}: missing field {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
 
 
 def load_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device="cpu"):
@@ -244,10 +301,10 @@ def load_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device="
     config_path = os.path.join(folder, "config.json")
     raw_cfg = _read_json(config_path)
     # every problem with config.json names the file with its folder: a user with several
-    # checkpoints must see which one is wrong
+    # checkpoints must see which one is wrong; it is validated before any weight is read
     try:
         layout = detect_layout(raw_cfg)
-        config = config_from_dict(raw_cfg, layout)
+        config = config_from_dict(raw_cfg, layout).validate()
     except KeyError as exc:
         raise CheckpointError(f"{config_path}: missing field {exc}") from None
     except (ValueError, TypeError) as exc:
@@ -281,11 +338,11 @@ def load_pretrained(cls, folder: str, dtype: torch.dtype | None = None, device="
     if missing or unexpected or mismatched:
         parts = []
         if missing:
-            parts.append(f"missing keys {missing}")
+            parts.append(f"missing keys {_summary(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected}")
+            parts.append(f"unexpected keys {_summary(unexpected)}")
         if mismatched:
-            parts.append(f"shape mismatches {mismatched}")
+            parts.append(f"shape mismatches {_summary(mismatched)}")
         raise CheckpointError(f"{folder} ({layout} layout) does not match the model: " + "; ".join(parts))
     target = dtype or next(iter(state.values())).dtype
     state = {k: v.to(device=device, dtype=target if v.is_floating_point() else v.dtype) for k, v in state.items()}
@@ -369,6 +426,11 @@ def to_transformers_config(config: LongVITAConfig) -> dict:
     return cfg
 
 
+def _dump_json(obj, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+
+
 # transformers' default shard size ("5GB"), so a folder we write shards like one it writes
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -383,7 +445,10 @@ def save_pretrained(model, folder: str, max_shard_bytes: int = MAX_SHARD_BYTES, 
     """
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"save_pretrained({folder!r}): cannot create the folder ({exc.strerror or exc})") from None
     rules = [(re.compile(p), r) for p, r in _SAVE_RULES]
     tensors = {}
     for name, t in model.state_dict().items():
@@ -405,10 +470,8 @@ def save_pretrained(model, folder: str, max_shard_bytes: int = MAX_SHARD_BYTES, 
         size += nbytes
     shards.append(current)
 
-    def _write(obj_path, writer):
-        tmp = obj_path + ".tmp"
-        writer(tmp)
-        os.replace(tmp, obj_path)
+    def _write(obj_path, writer):  # whole or not at all, with a plain file's permissions
+        write_atomic(obj_path, lambda tmp: writer(str(tmp)), what=f"save_pretrained({folder!r})")
 
     if len(shards) == 1:
         _write(os.path.join(folder, "model.safetensors"), lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
@@ -420,9 +483,9 @@ def save_pretrained(model, folder: str, max_shard_bytes: int = MAX_SHARD_BYTES, 
             weight_map.update({k: fname for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _write(os.path.join(folder, "model.safetensors.index.json"), lambda p: json.dump(index, open(p, "w"), indent=2))
+        _write(os.path.join(folder, "model.safetensors.index.json"), lambda p: _dump_json(index, p))
     if tokenizer is not None:
         _write(os.path.join(folder, "tokenizer.json"), lambda p: tokenizer.save(p))
     cfg = to_transformers_config(model.config)
     cfg["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    _write(os.path.join(folder, "config.json"), lambda p: json.dump(cfg, open(p, "w"), indent=2))
+    _write(os.path.join(folder, "config.json"), lambda p: _dump_json(cfg, p))

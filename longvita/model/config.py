@@ -83,8 +83,53 @@ class TextConfig:
     head_dim: int | None = None
 
     def __post_init__(self):
-        if self.head_dim is None and self.num_heads > 0:
+        # only from well-typed fields: a config read from a file is validated afterwards
+        if self.head_dim is None and all(isinstance(x, int) and x > 0 for x in (self.num_heads, self.hidden_size)):
             self.head_dim = self.hidden_size // self.num_heads
+
+
+# (minimum, maximum) of every numeric field, for ``LongVITAConfig.validate``; an int field
+# must hold an int, a float field a finite number, a bool field true/false, a str field a string
+_BIG = 1 << 40
+_VISION_RANGES = {"hidden_size": (1, _BIG), "num_layers": (1, 4096), "num_heads": (1, 4096),
+                  "intermediate_size": (1, _BIG), "image_size": (1, 1 << 16), "patch_size": (1, 1 << 16),
+                  "num_channels": (1, 64), "layer_norm_eps": (0.0, 1.0), "select_layer": (-4096, 4096)}
+_PROJECTOR_RANGES = {"scale_factor": (1e-3, 1.0), "intermediate_size": (1, _BIG), "layer_norm_eps": (0.0, 1.0)}
+_TEXT_RANGES = {"vocab_size": (1, 1 << 31), "hidden_size": (1, _BIG), "num_layers": (1, 4096), "num_heads": (1, 4096),
+                "num_kv_heads": (1, 4096), "intermediate_size": (1, _BIG), "rope_theta": (1e-6, 1e30),
+                "rms_norm_eps": (0.0, 1.0), "max_position_embeddings": (1, 1 << 40), "head_dim": (2, 1 << 16)}
+
+
+def _field_problems(prefix: str, obj, ranges: dict) -> list[str]:
+    import math
+
+    problems = []
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        name = f"{prefix}.{f.name}"
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                problems.append(f"{name} must be true or false, got {value!r}")
+        elif kind.startswith("int"):
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"{name} must be an integer, got {value!r}")
+            elif f.name in ranges and not ranges[f.name][0] <= value <= ranges[f.name][1]:
+                lo, hi = ranges[f.name]
+                problems.append(f"{name} must be in [{lo}, {hi}], got {value}")
+        elif kind.startswith("float"):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                problems.append(f"{name} must be a finite number, got {value!r}")
+            elif f.name in ranges and not ranges[f.name][0] <= value <= ranges[f.name][1]:
+                lo, hi = ranges[f.name]
+                problems.append(f"{name} must be in [{lo}, {hi}], got {value}")
+        elif kind.startswith("str"):
+            if not isinstance(value, str):
+                problems.append(f"{name} must be a string, got {value!r}")
+        elif kind.startswith("tuple[float"):
+            if not (isinstance(value, (tuple, list)) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in value)):
+                problems.append(f"{name} must be a list of finite numbers, got {value!r}")
+    return problems
 
 
 # the preprocessing families longvita.data implements (kept in step with
@@ -113,8 +158,21 @@ class LongVITAConfig:
         return self.vision.num_patches // (inv * inv)
 
     def validate(self) -> "LongVITAConfig":
+        """Check every field's type and range, then the relations between fields; raise one
+        ValueError listing every problem (a config read from a file holds whatever the file
+        says: a string where a number belongs, a negative layer count, NaN)."""
+        problems = _field_problems("vision", self.vision, _VISION_RANGES) + _field_problems(
+            "projector", self.projector, _PROJECTOR_RANGES) + _field_problems("text", self.text, _TEXT_RANGES)
+        if not isinstance(self.tie_word_embeddings, bool):
+            problems.append(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if not isinstance(self.image_token_ids, tuple) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.image_token_ids):
+            problems.append(f"image_token_ids must be non-negative token ids, got {self.image_token_ids!r}")
+        if self.preprocess not in PREPROCESS_FAMILIES:
+            problems.append(f"preprocess must be one of {list(PREPROCESS_FAMILIES)}, got {self.preprocess!r}")
+        if problems:  # relations are only checked between well-typed fields
+            raise ValueError("invalid LongVITAConfig: " + "; ".join(problems))
         v, p, t = self.vision, self.projector, self.text
-        problems = []
         if v.hidden_size % v.num_heads:
             problems.append(f"vision.hidden_size ({v.hidden_size}) must be divisible by vision.num_heads ({v.num_heads})")
         if v.image_size % v.patch_size:
@@ -126,8 +184,11 @@ class LongVITAConfig:
             )
         if t.num_heads % t.num_kv_heads:
             problems.append(f"text.num_heads ({t.num_heads}) must be divisible by text.num_kv_heads ({t.num_kv_heads})")
-        if not t.head_dim or t.head_dim <= 0 or t.head_dim % 2:
+        if t.head_dim % 2:
             problems.append(f"text.head_dim ({t.head_dim}) must be a positive even number (RoPE rotates pairs)")
+        if v.select_layer == 0 or abs(v.select_layer) > v.num_layers:
+            problems.append(f"vision.select_layer ({v.select_layer}) must pick one of the {v.num_layers} layers "
+                            f"(1..{v.num_layers} or -{v.num_layers}..-1)")
         # the modules implement these activations and no others: a checkpoint asking for
         # another one must fail here, not compute something else silently
         for where, act, allowed in (
@@ -137,10 +198,6 @@ class LongVITAConfig:
         ):
             if act not in allowed:
                 problems.append(f"{where} {act!r} is not implemented (supported: {', '.join(allowed)})")
-        if t.max_position_embeddings < 1:
-            problems.append(f"text.max_position_embeddings ({t.max_position_embeddings}) must be >= 1")
-        if self.preprocess not in PREPROCESS_FAMILIES:
-            problems.append(f"preprocess must be one of {list(PREPROCESS_FAMILIES)}, got {self.preprocess!r}")
         if problems:
             raise ValueError("invalid LongVITAConfig: " + "; ".join(problems))
         return self

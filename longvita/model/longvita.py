@@ -1,33 +1,33 @@
-"""LongVITA: InternViT encoder -> pixel-shuffle projector -> Qwen2 decoder.
+"""LongVITA: InternViT encoder -> pixel-shuffle projector -> Qwen2 decoder, in three steps
+a caller composes:
 
-Input is packed from the start: 1-D ``input_ids`` of all tokens, ``cu_seqlens`` (int32)
-separating samples that must not attend to each other, ``position_ids`` restarting per
-sample. Projected tile embeddings replace the image-context tokens of ``input_ids`` in
-order. Only the rows in ``logits_index`` reach the LM head.
+    embeds = model.embed(input_ids, pixel_values)          # (tokens, hidden), media in their slots
+    hidden = model(embeds, position_ids, attention)        # the decoder: final-norm hidden states
+    logits = model.logits(hidden, index)                   # only the rows that need them
+    loss = model.loss(hidden, labels)                      # fused with the LM head: no logits held
+
+Input is packed from the start: 1-D ``input_ids`` of all tokens; the ``attention`` object
+(``model/attention.py``) says which tokens see which (``PackedAttention(cu_seqlens)`` for
+documents that must not attend to each other, ``CachedAttention`` through a KV cache, or a
+context-parallel one passed in from ``longvita.parallel``) and which positions they have.
+Projected tile embeddings replace the image-context tokens of ``input_ids`` in order.
+
+The model holds no generation loop (``longvita.runtime.generate``) and no rule about
+parallelism (``longvita.runtime.train.parallelize``): both act on it from outside.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
-
 import torch
 import torch.nn as nn
 
+from longvita.common import IGNORE_INDEX
 from longvita.kernels import gather_logits, linear_cross_entropy
+from longvita.model.attention import DecoderAttention, PackedAttention
 from longvita.model.config import LongVITAConfig
 from longvita.model.projector import Projector
-from longvita.model.sampling import Sampling
-from longvita.model.attention import CachedAttention, DecoderAttention, KVCache, PackedAttention
 from longvita.model.text import TextDecoder
 from longvita.model.vision import VisionEncoder
-
-
-def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Position ids restarting at 0 in every packed sample (no host sync)."""
-    starts = cu_seqlens[:-1].long()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    offsets = torch.repeat_interleave(starts, lengths, output_size=int(total))
-    return torch.arange(total, device=cu_seqlens.device) - offsets
 
 
 class LongVITA(nn.Module):
@@ -66,20 +66,10 @@ class LongVITA(nn.Module):
 
     # ------------------------------------------------------------------ embeddings
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (tiles, 3, S, S), normalised float or uint8 pixels ->
+        """pixel_values (tiles, C, S, S), normalised float or uint8 pixels ->
         (tiles * tokens_per_tile, text_hidden), all tiles at once."""
         features = self.vision(pixel_values)  # (tiles, patches, vision_hidden)
         return self.projector(features).flatten(0, 1)
-
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings (tokens, hidden) with the tiles' projected embeddings in the
-        image-context slots, in order (the tiles pass the vision tower in bounded chunks).
-        Every slot must have its tile: for media encoded elsewhere (another rank, a chunk,
-        a cache) use ``place_media`` and ``inputs_embeds=``."""
-        if pixel_values is None:
-            return self.text.embed_tokens(input_ids)  # (tokens, hidden)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self.embed_rows(input_ids, pixel_values, rows)[0]
 
     def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Bool (tokens,): which tokens are image/video-context slots."""
@@ -98,142 +88,6 @@ class LongVITA(nn.Module):
             )
         return embeds.index_copy(0, slots.long(), media_embeds.to(embeds.dtype))
 
-    # ------------------------------------------------------------------ forward
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        cache: KVCache | None = None,
-        attention: DecoderAttention | None = None,
-        rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final-norm hidden states (tokens, hidden) of the packed input.
-
-        Give ``input_ids`` (and ``pixel_values``), or ``inputs_embeds`` (tokens, hidden)
-        already embedded. ``rows`` (int64 indices into ``input_ids``) computes only those
-        tokens, encoding only the tiles they need (``embed_rows``): a context-parallel
-        rank's shard, with an ``attention`` that sees the other ranks' tokens. Attention is causal within the documents of ``cu_seqlens``
-        (default: one document), or through ``cache``, or whatever ``attention`` does (a
-        ``DecoderAttention`` built outside, e.g. context-parallel by ``longvita.dist``:
-        then ``position_ids`` are required)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("give exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is not None:
-            if pixel_values is not None:
-                raise ValueError("pixel_values cannot be combined with inputs_embeds (place media with place_media)")
-            if inputs_embeds.dim() != 2:
-                raise ValueError(f"inputs_embeds must be 2-D (tokens, hidden), got shape {tuple(inputs_embeds.shape)}")
-            total, device = inputs_embeds.shape[0], inputs_embeds.device
-        else:
-            if input_ids.dim() != 1:
-                raise ValueError(f"input_ids must be 1-D (all packed tokens), got shape {tuple(input_ids.shape)}")
-            total, device = input_ids.shape[0], input_ids.device
-            if rows is not None:
-                if attention is None:
-                    raise ValueError("rows needs an attention that sees the tokens outside them (e.g. ring attention)")
-                total = rows.shape[0]
-        if sum(x is not None for x in (cu_seqlens, cache, attention)) > 1:
-            raise ValueError("give at most one of cu_seqlens, cache and attention")
-        if attention is not None:
-            if position_ids is None:
-                raise ValueError("position_ids are required with a custom attention")
-        elif cache is not None:
-            attention = CachedAttention(cache, total, device)  # checks the capacity
-            if position_ids is None:
-                position_ids = torch.arange(cache.length, cache.length + total, device=device)
-        else:
-            if cu_seqlens is None:
-                cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=device)
-                max_seqlen = total
-            elif cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
-                raise ValueError(f"cu_seqlens must be a 1-D int32 tensor, got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-            if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())  # one host sync; pass it to avoid
-            if position_ids is None:
-                position_ids = positions_from_cu_seqlens(cu_seqlens, total)
-            attention = PackedAttention(cu_seqlens, max_seqlen)
-        if inputs_embeds is None:
-            if rows is None:
-                inputs_embeds = self.embed(input_ids, pixel_values)
-            else:
-                # a forward that will be differentiated runs the vision tower on every rank
-                # (see embed_rows): a sharded model's gradient collectives must match
-                min_tiles = 1 if torch.is_grad_enabled() else 0
-                inputs_embeds = self.embed_rows(input_ids, pixel_values, rows, min_tiles=min_tiles)[0]
-        return self.text(inputs_embeds, position_ids, attention)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        inputs_embeds: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
-        logits_index: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        attention: DecoderAttention | None = None,
-        rows: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        ignore_index: int = -100,
-        num_valid: torch.Tensor | int | None = None,
-        loss_group=None,
-    ) -> torch.Tensor:
-        """Logits (rows, vocab): all rows, or only ``logits_index`` (gather, then project).
-        With ``labels`` (aligned with the rows: row i's label is the token it predicts,
-        ``ignore_index`` where none), the mean cross-entropy instead, fused with the LM head
-        so logits never exist; ``num_valid`` or ``loss_group`` make it a mean over a global
-        count (``linear_cross_entropy``). Inputs as for ``hidden_states``.
-
-        The loss is computed here, in ``forward``, so that wrappers that hook ``forward``
-        (FSDP2's ``fully_shard`` gathers the sharded LM head there) see it."""
-        hidden = self.hidden_states(
-            input_ids, pixel_values, inputs_embeds=inputs_embeds, position_ids=position_ids,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cache=cache, attention=attention, rows=rows,
-        )
-        if labels is not None:
-            if logits_index is not None:
-                raise ValueError("labels and logits_index cannot be combined")
-            return linear_cross_entropy(
-                hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid, group=loss_group
-            )
-        if logits_index is None:
-            return self.lm_head(hidden)
-        return gather_logits(hidden, self.lm_head.weight, logits_index)
-
-    def loss(
-        self,
-        input_ids: torch.Tensor | None,
-        labels: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Mean next-token cross-entropy (``forward`` with ``labels``; logits are never
-        materialised). ``labels`` are aligned with ``input_ids``: row i's label is the token
-        it predicts, -100 where ignored."""
-        return self(input_ids, pixel_values, labels=labels, **kwargs)
-
-    def check_generation(self, input_ids: torch.Tensor, max_new_tokens: int) -> None:
-        """Raise ValueError, before any work, for a prompt that is not a non-empty 1-D
-        tensor, a negative ``max_new_tokens``, or a sequence that would pass the model's
-        ``max_position_embeddings`` (every generation path checks this)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if input_ids.dim() != 1 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty 1-D prompt, got shape {tuple(input_ids.shape)}")
-        tokens, limit = input_ids.shape[0] + max_new_tokens, self.config.text.max_position_embeddings
-        if tokens > limit:
-            raise ValueError(
-                f"the sequence needs {tokens} positions but the model's max_position_embeddings is {limit}"
-            )
-
-    # ------------------------------------------------------------------ generation
     def embed_rows(
         self,
         input_ids: torch.Tensor,
@@ -241,7 +95,7 @@ class LongVITA(nn.Module):
         rows: torch.Tensor,
         *,
         tiles_per_chunk: int = 64,
-        min_tiles: int = 0,
+        touch_vision: bool = False,
     ) -> tuple[torch.Tensor, int]:
         """Embeddings of the tokens ``input_ids[rows]`` with their media, encoding only the
         tiles whose context tokens are among ``rows`` (a tile cut by the edge of ``rows``
@@ -249,31 +103,35 @@ class LongVITA(nn.Module):
         bounded whatever the number of tiles. ``pixel_values`` may stay on the CPU: each
         chunk moves to the model's device when it is encoded.
 
-        input_ids: (total,) the whole prompt; rows: (n,) int64 indices into it.
-        min_tiles=1: when ``rows`` hold no media, still run the vision tower on one tile
-        with a zero weight, so that every rank of a sharded (FSDP) model takes part in the
-        vision tower's gradient collectives.
+        input_ids: (total,) the whole sequence; rows: (n,) int64 indices into it.
+        touch_vision: when ``rows`` hold no media, still run the vision tower and projector
+        on one tile (the first of ``pixel_values``, or a black one) with a zero weight, so
+        the call takes part in whatever collectives a sharded vision tower runs (the rule
+        of when that is needed lives with the parallelism: ``runtime.train.loss``).
         Returns ((n, hidden) embeddings, number of tiles encoded)."""
         if tiles_per_chunk < 1:
             raise ValueError(f"tiles_per_chunk must be >= 1, got {tiles_per_chunk}")
         embeds = self.text.embed_tokens(input_ids.index_select(0, rows))  # (n, hidden)
-        if pixel_values is None:
-            return embeds, 0
         tpt = self.config.tokens_per_tile
-        mask = self.media_mask(input_ids)
-        slot_of = torch.cumsum(mask, 0) - 1  # (total,) the slot number of every media token
-        n_slots = int(mask.sum())
-        if n_slots != pixel_values.shape[0] * tpt:
-            raise ValueError(
-                f"input_ids hold {n_slots} image-context tokens but pixel_values give "
-                f"{pixel_values.shape[0] * tpt} ({pixel_values.shape[0]} tiles x {tpt} tokens per tile)"
-            )
-        local = mask.index_select(0, rows).nonzero().squeeze(1)  # positions in `rows` that are media
+        local = torch.zeros(0, dtype=torch.long, device=rows.device)
+        if pixel_values is not None:
+            mask = self.media_mask(input_ids)
+            n_slots = int(mask.sum())
+            if n_slots != pixel_values.shape[0] * tpt:
+                raise ValueError(
+                    f"input_ids hold {n_slots} image-context tokens but pixel_values give "
+                    f"{pixel_values.shape[0] * tpt} ({pixel_values.shape[0]} tiles x {tpt} tokens per tile)"
+                )
+            local = mask.index_select(0, rows).nonzero().squeeze(1)  # positions in `rows` that are media
         if local.numel() == 0:
-            if min_tiles < 1:
+            if not touch_vision:
                 return embeds, 0
-            unused = self.image_embeddings(pixel_values[:1].to(embeds.device))  # gradient 0, but present
+            v = self.config.vision
+            tile = (pixel_values[:1] if pixel_values is not None and pixel_values.shape[0]
+                    else torch.zeros(1, v.num_channels, v.image_size, v.image_size, dtype=torch.uint8))
+            unused = self.image_embeddings(tile.to(embeds.device))  # gradient 0, but the modules ran
             return embeds + 0 * unused.sum().to(embeds.dtype), 1
+        slot_of = torch.cumsum(mask, 0) - 1  # (total,) the slot number of every media token
         slots = slot_of.index_select(0, rows.index_select(0, local))
         tiles, which = torch.unique(slots // tpt, return_inverse=True)  # sorted tiles to encode
         dev = embeds.device
@@ -285,56 +143,67 @@ class LongVITA(nn.Module):
         media = out.index_select(0, which * tpt + slots % tpt)
         return self.place_media(embeds, local, media), int(tiles.numel())
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int = 32,
-        eos_token_id: int | None = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        prefill_chunk: int | None = None,
-        prefill_progress: Callable[[float], None] | None = None,
-    ) -> Iterator[int]:
-        """Yield new token ids of one sequence: prefill once, then KV-cached decode.
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (tokens, hidden) of the whole of ``input_ids`` (1-D) with the
+        tiles' projected embeddings in the image-context slots, in order (the tiles pass the
+        vision tower in bounded chunks). For media encoded elsewhere (another rank, a chunk,
+        a cache) use ``place_media``; for a subset of the rows, ``embed_rows``."""
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be 1-D (all packed tokens), got shape {tuple(input_ids.shape)}")
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.embed_rows(input_ids, pixel_values, rows)[0]
 
-        Only the last position reaches the LM head at every step. ``temperature=0`` is
-        greedy; otherwise ``top_k``/``top_p`` filter and ``generator`` draws.
-        ``prefill_chunk=N`` runs the prompt through the cache N tokens at a time (media
-        included), so activation memory is bounded by N, not by the prompt;
-        ``prefill_progress(fraction)`` is then called after every chunk (a progress bar).
-        """
-        self.check_generation(input_ids, max_new_tokens)
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        sample = Sampling(temperature, top_k, top_p)
-        if max_new_tokens == 0:
-            return  # nothing to generate: no prefill either
-        total, device = input_ids.shape[0], input_ids.device
-        dtype = self.text.embed_tokens.weight.dtype
-        cache = KVCache.empty(self.config.text, total + max_new_tokens, device, dtype)
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        if prefill_chunk is None:
-            logits = self(input_ids, pixel_values, cache=cache, logits_index=torch.tensor([total - 1], device=device))
-        else:
-            for start in range(0, total, prefill_chunk):
-                rows = torch.arange(start, min(start + prefill_chunk, total), device=device)
-                embeds, _ = self.embed_rows(input_ids, pixel_values, rows)
-                hidden = self.hidden_states(inputs_embeds=embeds, cache=cache)
-                if prefill_progress is not None:
-                    prefill_progress(int(rows[-1]) / (total - 1) if total > 1 else 1.0)
-            logits = gather_logits(hidden, self.lm_head.weight, torch.tensor([hidden.shape[0] - 1], device=device))
-        for step in range(max_new_tokens):
-            token = sample(logits[-1], generator)
-            yield token
-            # the last token needs no forward of its own: stop before computing its logits
-            if step == max_new_tokens - 1 or (eos_token_id is not None and token == eos_token_id):
-                return
-            logits = self(torch.tensor([token], device=device), cache=cache, logits_index=zero)
+    # ------------------------------------------------------------------ decoder
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention: DecoderAttention | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (tokens, hidden) of ``inputs_embeds`` (tokens, hidden).
+
+        attention: which tokens see which (default: all tokens one causal document).
+        position_ids: (tokens,) int; default: what ``attention`` implies (restarting per
+        packed document, continuing a cache); required for attentions over non-contiguous
+        rows (a context-parallel shard)."""
+        if not isinstance(inputs_embeds, torch.Tensor) or inputs_embeds.dim() != 2:
+            got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, torch.Tensor) else type(inputs_embeds).__name__
+            raise ValueError(f"inputs_embeds must be a 2-D (tokens, hidden) tensor (model.embed(input_ids)), got {got}")
+        n, device = inputs_embeds.shape[0], inputs_embeds.device
+        if attention is None:
+            attention = PackedAttention.one_document(n, device)
+        if position_ids is None:
+            position_ids = attention.positions(n, device)
+            if position_ids is None:
+                raise ValueError(f"position_ids are required with {type(attention).__name__}")
+        if position_ids.shape != (n,):
+            raise ValueError(f"position_ids must have shape ({n},), got {tuple(position_ids.shape)}")
+        return self.text(inputs_embeds, position_ids, attention)
+
+    # ------------------------------------------------------------------ LM head
+    def logits(self, hidden: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (rows, vocab) of every row of ``hidden``, or only of ``index`` (int64 rows:
+        gathered first, then projected, so nothing else reaches the head)."""
+        if index is None:
+            return self.lm_head(hidden)
+        return gather_logits(hidden, self.lm_head.weight, index)
+
+    def loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        ignore_index: int = IGNORE_INDEX,
+        num_valid: torch.Tensor | int | None = None,
+        group=None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``hidden`` against ``labels`` (aligned with the
+        rows: row i's label is the token it predicts, ``ignore_index`` where none), fused with
+        the LM head so that logits never exist. ``num_valid`` or ``group`` make it a mean over
+        a global count (``longvita.kernels.linear_cross_entropy``)."""
+        return linear_cross_entropy(
+            hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid, group=group
+        )
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

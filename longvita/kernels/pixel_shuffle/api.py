@@ -29,8 +29,9 @@ Backends for the fused piece (``backend=`` or ``LONGVITA_BACKEND``):
            TRITON_INTERPRET=1; imported only when this backend runs)
   'torch'  (``torch.py``) a gather through ``pixel_shuffle_source_index`` + ``F.layer_norm`` (any device
            and dtype; autograd's backward)
-Automatic choice (``longvita.kernels._backend.resolve``): CUDA extension > Triton > C++
-(CPU) > torch; bfloat16 skips Triton in the interpreter.
+Automatic choice (``longvita.kernels._backend.resolve``): on a GPU Triton, then the CUDA
+extension (Triton measured 3.5-5.6x faster on an H100); on the CPU the C++ path, then
+torch; bfloat16 skips Triton in the interpreter.
 """
 
 from __future__ import annotations

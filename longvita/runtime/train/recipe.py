@@ -17,9 +17,8 @@ Presets:
   trains at 1e-3 (100 warm-up steps, cosine to 5 %), 1,024-token packs, on the generated
   demo set (``longvita.data.demo``).
 
-This module imports only the standard library (the CLI checks ``longvita train``'s
-arguments with it before torch loads); so does ``latest_checkpoint``, the run folder's
-layout that ``longvita.dist.trainer`` writes.
+This module imports only the standard library: the CLI checks ``longvita train``'s
+arguments with it before torch loads.
 """
 
 from __future__ import annotations
@@ -31,13 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["CHECKPOINT_DIR", "RECIPES", "StageRecipe", "apply_overrides", "latest_checkpoint", "load_config", "lr_factor",
-           "recipe"]
+from longvita.common import LongVITAError
+
+__all__ = ["RecipeError", "DEMO_SAMPLES", "DEMO_SEQ_LEN", "DEMO_STEPS", "RECIPES", "StageRecipe", "apply_overrides", "load_config",
+           "lr_factor", "recipe"]
 
 RECIPES = ("paper", "long-vita-release", "demo")
 DEMO_SEQ_LEN = 1024
-CHECKPOINT_DIR = "checkpoints"  # OUT/checkpoints/step-NNNNNNN, each complete one holding a COMPLETE file
+DEMO_SAMPLES = 57000  # the demo recipe's generated training set: one pass of the default run (~50 s to write)
+DEMO_STEPS = 7100  # the demo recipe's length: with the data, under 30 minutes on 2 CPU cores
 SEQ_LEN = {1: 32 * 1024, 2: 16 * 1024, 3: 128 * 1024, 4: 1024 * 1024}
+
+
+class RecipeError(LongVITAError, ValueError):
+    """A recipe key or value that is not what the recipe takes (the message names the key)."""
 
 
 @dataclass
@@ -83,7 +89,7 @@ class StageRecipe:
         if not (self.train_vision or self.train_projector or self.train_llm):
             problems.append("nothing to train: train_vision, train_projector and train_llm are all false")
         if problems:
-            raise ValueError("recipe: " + "; ".join(problems))
+            raise RecipeError("recipe: " + "; ".join(problems))
         return self
 
     def warmup(self, steps: int) -> int:
@@ -98,9 +104,9 @@ class StageRecipe:
 def recipe(stage: int, name: str = "paper") -> StageRecipe:
     """The preset of ``stage`` (1-4) in recipe ``name`` (``paper``, ``long-vita-release``, ``demo``)."""
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
+        raise RecipeError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}")
     if stage not in SEQ_LEN:
-        raise ValueError(f"stage must be 1, 2, 3 or 4, got {stage}")
+        raise RecipeError(f"stage must be 1, 2, 3 or 4, got {stage}")
     r = StageRecipe(stage=stage, name=name, seq_len=SEQ_LEN[stage], reset=stage <= 2)
     if stage >= 2:
         r.train_vision = r.train_projector = r.train_llm = True
@@ -146,16 +152,16 @@ def _coerce(key: str, value: Any, kind) -> Any:
             if kind.startswith("float"):
                 return float(text)
         except ValueError:
-            raise ValueError(f"{key}={value!r}: expected {kind.split(' ')[0]}") from None
+            raise RecipeError(f"{key}={value!r}: expected {kind.split(' ')[0]}") from None
         return text
     if kind.startswith("bool") and not isinstance(value, bool):
-        raise ValueError(f"{key}={value!r}: expected true or false")
+        raise RecipeError(f"{key}={value!r}: expected true or false")
     if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind.startswith("int") and not (isinstance(value, int) and not isinstance(value, bool)):
         if value is None and "None" in kind:
             return None
-        raise ValueError(f"{key}={value!r}: expected an integer")
+        raise RecipeError(f"{key}={value!r}: expected an integer")
     return value
 
 
@@ -166,7 +172,7 @@ def apply_overrides(r: StageRecipe, overrides: Mapping[str, Any] | list[str]) ->
         pairs = {}
         for item in overrides:
             if "=" not in item:
-                raise ValueError(f"expected key=value, got {item!r}")
+                raise RecipeError(f"expected key=value, got {item!r}")
             k, v = item.split("=", 1)
             pairs[k.strip().replace("-", "_")] = v
         overrides = pairs
@@ -174,7 +180,7 @@ def apply_overrides(r: StageRecipe, overrides: Mapping[str, Any] | list[str]) ->
     changes = {}
     for key, value in overrides.items():
         if key not in fields:
-            raise ValueError(f"unknown recipe key {key!r}; keys are {', '.join(fields)}")
+            raise RecipeError(f"unknown recipe key {key!r}; keys are {', '.join(fields)}")
         changes[key] = _coerce(key, value, fields[key])
     return dataclasses.replace(r, **changes).validate()
 
@@ -184,32 +190,27 @@ def load_config(path: str | Path) -> dict:
     or YAML when PyYAML is importable and the file ends in .yaml/.yml."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path}: file does not exist")
-    text = path.read_text(encoding="utf-8")
+        raise RecipeError(f"--config {path}: file does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"--config {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise RecipeError(f"--config {path}: unreadable ({exc.strerror or exc})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
-            raise ValueError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or write JSON") from None
+            raise RecipeError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or write JSON") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ValueError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise RecipeError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     else:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--config {path}: not valid JSON ({exc})") from None
+            raise RecipeError(f"--config {path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of key: value")
+        raise RecipeError(f"--config {path}: expected a mapping of key: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``out/checkpoints`` (temp folders ignored)."""
-    root = Path(out) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
-                  and (p / "COMPLETE").exists())
-    return done[-1] if done else None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont
 
+from longvita.data.palette import COLOURS, SHAPES, draw_shape
 from longvita.data.needle_text import CITIES, filler_text, magic_number, magic_question, magic_sentence
 
 __all__ = [
@@ -25,9 +26,6 @@ __all__ = [
 
 NEEDLE_KINDS = ("word", "number", "colour", "shape")
 _WORDS = ("apple", "river", "zebra", "piano", "lemon", "tiger", "cloud", "rocket", "violin", "castle")
-_COLOURS = {"red": (215, 30, 30), "green": (30, 160, 60), "blue": (30, 70, 215), "yellow": (235, 215, 25),
-            "purple": (135, 40, 175), "orange": (240, 130, 20), "black": (15, 15, 15), "white": (245, 245, 245)}
-_SHAPES = ("circle", "square", "triangle", "star")
 
 
 @dataclass(frozen=True)
@@ -58,29 +56,14 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
-    import math
-
-    return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
-             cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
-
-
 def _needle_image(kind: str, value: str, size: int, rng: random.Random) -> Image.Image:
     if kind == "colour":
-        return Image.new("RGB", (size, size), _COLOURS[value])
+        return Image.new("RGB", (size, size), COLOURS[value])
     img = Image.new("RGB", (size, size), (250, 250, 250))
     draw = ImageDraw.Draw(img)
     if kind == "shape":
         m = size // 6
-        box = (m, m, size - m, size - m)
-        if value == "circle":
-            draw.ellipse(box, fill=(20, 20, 20))
-        elif value == "square":
-            draw.rectangle(box, fill=(20, 20, 20))
-        elif value == "triangle":
-            draw.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=(20, 20, 20))
-        else:
-            draw.polygon(_star(size / 2, size / 2, size / 2 - m), fill=(20, 20, 20))
+        draw_shape(draw, value, (m, m, size - m, size - m), (20, 20, 20))
         return img
     font = _font(max(10, size // (len(value) + 1) * 3 // 2))
     left, top, right, bottom = draw.textbbox((0, 0), value, font=font)
@@ -104,9 +87,9 @@ def make_visual_needles(n: int, seed: int = 0, size: int = 448, kinds: tuple[str
         elif kind == "number":
             value, question = str(rng.randrange(10, 1000)), "What number is written in the special frame?"
         elif kind == "colour":
-            value, question = rng.choice(list(_COLOURS)), "What colour fills the special frame?"
+            value, question = rng.choice(list(COLOURS)), "What colour fills the special frame?"
         else:
-            value, question = rng.choice(_SHAPES), "What shape is drawn in the special frame?"
+            value, question = rng.choice(SHAPES), "What shape is drawn in the special frame?"
         needles.append(VisualNeedle(f"{kind}-{i}", kind, _needle_image(kind, value, size, rng), question, value))
     return needles
 

@@ -1,7 +1,7 @@
 """Zigzag ring attention: context parallelism over torch.distributed, forward and backward.
 
 Every rank holds the zigzag shard of q, k, v (chunks r and 2P-1-r of every document,
-see ``longvita.dist.zigzag``). K/V blocks travel round the ring (rank r sends to r+1,
+see ``longvita.parallel.zigzag``). K/V blocks travel round the ring (rank r sends to r+1,
 receives from r-1) with ``batch_isend_irecv``, double-buffered: step i+1's transfer is
 posted before step i's compute, so the link works while the rank computes. Only the
 K/V heads travel (GQA: never repeated), packed in one (2, tokens, Hkv, D) buffer.
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from longvita.dist.zigzag import ZigzagLayout, _as_layout
+from longvita.parallel.groups import rank_world
+from longvita.parallel.zigzag import ZigzagLayout, _as_layout
 from longvita.kernels import lse_merge_
 from longvita.kernels.attention import check_qkv, varlen_attention_bwd, varlen_attention_fwd
-
 
 
 class RingComm:
@@ -85,14 +85,6 @@ class RingParams:
     backend: str | None
 
 
-def _group_rank_size(group) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        if group is not None:
-            raise ValueError("a process group was given but torch.distributed is not initialized")
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 def _step_block(layout: ZigzagLayout, rank: int, src: int, causal: bool):
     """(cu_q, cu_k, max_q, max_k, causal) of the sub-block rank ``rank`` computes
     against the K/V block of rank ``src``."""
@@ -107,7 +99,7 @@ def _step_block(layout: ZigzagLayout, rank: int, src: int, causal: bool):
 
 
 def _ring_forward(q, kv, layout: ZigzagLayout, p: RingParams):
-    rank, world = _group_rank_size(p.group)
+    rank, world = rank_world(p.group)
     comm = RingComm(p.group) if world > 1 else None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # fp32 accumulators
     out = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -133,7 +125,7 @@ def _ring_forward(q, kv, layout: ZigzagLayout, p: RingParams):
 
 
 def _ring_backward(dout, dlse, q, kv, out, lse, layout: ZigzagLayout, p: RingParams):
-    rank, world = _group_rank_size(p.group)
+    rank, world = rank_world(p.group)
     kv_comm = RingComm(p.group, tag=0) if world > 1 else None
     dkv_comm = RingComm(p.group, tag=1) if world > 1 else None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -172,7 +164,7 @@ def _ring_backward(dout, dlse, q, kv, out, lse, layout: ZigzagLayout, p: RingPar
     return dq, dkv
 
 
-class _RingAttention(torch.autograd.Function):
+class _RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: ZigzagLayout, params: RingParams):
         # (2, tokens, Hkv, D): one message per step. The ring receives into this buffer
@@ -182,7 +174,7 @@ class _RingAttention(torch.autograd.Function):
         # padding rows: out = 0 and lse = -inf, constants that pass no gradient. The
         # backward keeps the finite lse (its blocks then never see exp(S + inf)) and
         # zeroes dout/dlse there instead.
-        pad = ~layout.real_tokens[_group_rank_size(params.group)[0]]
+        pad = ~layout.real_tokens[rank_world(params.group)[0]]
         out.masked_fill_(pad[:, None, None], 0)
         ctx.save_for_backward(q, k, v, out, lse, pad)
         ctx.layout, ctx.params = layout, params
@@ -253,9 +245,9 @@ def ring_attention(
         out (total_local, Hq, D) in q's dtype, or (out, lse). Padding rows give
         out = 0 and lse = -inf and pass no gradient (``zigzag_unshard`` drops them).
     """
-    rank, world = _group_rank_size(group)
+    rank, world = rank_world(group)
     layout = _as_layout(cu_seqlens, world, q.device if isinstance(q, torch.Tensor) else None)
     _check_inputs(q, k, v, layout, world)
     params = RingParams(group, bool(causal), softmax_scale, backend)
-    out, lse = _RingAttention.apply(q, k, v, layout, params)
+    out, lse = _RingAttentionFunction.apply(q, k, v, layout, params)
     return (out, lse) if return_lse else out
