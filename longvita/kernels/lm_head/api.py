@@ -35,6 +35,8 @@ the same), extra buffers of the Triton path (``_TRITON_CHUNK_BYTES`` = 896 MiB o
   chunk of hidden and its d(hidden) before the scatter 2 x 21.4 MiB, row indices and the
   rest about 1 MiB. Extra peak 0.66 GiB.
 No fp32 buffer of V x H (3.1 GB here) and none of N x V exists; d(bias) adds V fp32 values.
+Counted by ``test_lce_fused_extra_memory_at_qwen_shapes_on_meta`` (every allocation of the
+forward and backward at these shapes on the meta device): 865.7 and 678.7 MiB.
 
 Speed (estimates from bytes and FLOPs, not measured: no GPU in the session that wrote
 this). The three GEMMs, 6 M V H FLOPs (3.06e14 at 64K rows), are the bench's "matmuls
@@ -56,9 +58,12 @@ at K = 2, 1.50x at K = 3, 2.1x at K = 6, 4.5x at K = 22 (the fp16 tests: 1.5x at
 chunks, 1.8-4.6x at 22). Liger-Kernel's fused linear cross-entropy accumulates
 d(weight) in the parameters' dtype per chunk too (its ``accum_dtype`` opts into fp32);
 cut-cross-entropy's default accumulates in bf16 per row block. ``accum_dtype=
-torch.float32`` trades 6 bytes per weight element (an fp32 V x H accumulator and one
-chunk's partial; 4.4 GiB at the shapes above) for d(weight) within plain torch's error
-at any K (1.0-1.55x at K = 22 in the fp16 tests). fp32 inputs accumulate in fp32.
+torch.float32`` trades 4 bytes per weight element of peak (an fp32 V x H accumulator;
+each chunk's V x H partial in the input dtype takes the room the gradient takes at the
+end): 2.9 GiB more at the shapes above, 3.75 GiB extra in all (counted on the meta
+device: ``test_lce_fused_extra_memory_at_qwen_shapes_on_meta``'s set-up), for d(weight)
+within plain torch's error at any K (1.0-1.55x at K = 22 in the fp16 tests). fp32 inputs
+accumulate in fp32.
 
 Layers: public functions -> ``_FusedLinearCrossEntropy`` (reductions 'mean' / 'sum' with
 gradients: the gradients are computed with the loss, Liger-style) or
@@ -76,6 +81,7 @@ maths in torch ops on a chunk of at most ``_TORCH_CHUNK_BYTES`` of fp32 (fp64) l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -113,7 +119,10 @@ def _autocast_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def _no_autocast(t: torch.Tensor):
-    """Autocast off on t's device type: the cores below cast nothing themselves."""
+    """Autocast off on t's device type: the cores below cast nothing themselves (a device
+    type without autocast, such as meta, has nothing to turn off)."""
+    if not torch.amp.is_autocast_available(t.device.type):
+        return contextlib.nullcontext()
     return torch.autocast(t.device.type, enabled=False)
 
 
@@ -310,9 +319,9 @@ def linear_cross_entropy(
             in over the row chunks. None: the weight's dtype, each chunk's GEMM adding
             into the gradient (no V x H workspace; fp16/bf16 d(weight) is rounded once
             per chunk -- see the module docstring for the error that adds). float32: an
-            fp32 V x H accumulator plus one chunk's V x H partial in the input dtype
-            (6 bytes per weight element, 4.4 GiB at V = 152064, H = 5120), each chunk's
-            sum rounded once: about plain torch's error however many chunks.
+            fp32 V x H accumulator (4 bytes per weight element more at peak, 2.9 GiB at
+            V = 152064, H = 5120), each chunk's sum rounded once: about plain torch's
+            error however many chunks.
 
     Returns:
         loss: fp32 (fp64 for fp64 inputs) scalar, or per row for 'none'.
@@ -689,9 +698,11 @@ def _lce_chunks(hidden, weight, bias, labels, rows, params: LCEParams, mode, *, 
             row_op = torch_rows
         step = _rows_per_chunk(
             m, vocab, hidden.element_size() if triton_path else torch.finfo(acc).bits // 8, params.chunk_bytes,
-            _CHUNK_ROW_ALIGN if dev.type == "cuda" else 1,
+            1 if dev.type == "cpu" else _CHUNK_ROW_ALIGN,
         )
         buf = torch.empty(min(step, m), vocab, dtype=dtype, device=dev)  # the one logits workspace
+        # with rows: one chunk of gathered hidden rows and one of their d(hidden), reused
+        h_chunk = torch.empty(min(step, m), k, dtype=dtype, device=dev) if rows is not None else None
         dh_chunk = torch.empty(min(step, m), k, dtype=dtype, device=dev) if dh is not None and rows is not None else None
         wt = weight.t()
         for s in range(0, m, step):
@@ -701,7 +712,7 @@ def _lce_chunks(hidden, weight, bias, labels, rows, params: LCEParams, mode, *, 
                 h = hidden[s:e]
             else:
                 idx = rows[s:e]
-                h = hidden.index_select(0, idx)  # (C, H)
+                h = torch.index_select(hidden, 0, idx, out=h_chunk[: e - s])  # (C, H)
             if bias is None:
                 torch.mm(h, wt, out=logits)
             else:
