@@ -11,6 +11,9 @@ which 100% or 10% carry a label (the rest are -100, as with prompts and image to
   would not fit in free GPU memory;
 - chunked head: the same per 32,768-row chunk, each chunk's backward run at once;
 - longvita: ``linear_cross_entropy`` (Triton);
+- longvita with a bias, label smoothing, z-loss and soft-capping (the row kernel's
+  heaviest variant: a tanh per logit and pass);
+- longvita with ``accum_dtype=torch.float32`` (fp32 d(weight) accumulator; full runs only);
 - Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss``, cut-cross-entropy's
   ``linear_cross_entropy`` and torch's ``F.linear_cross_entropy`` (chunked options),
   each when importable;
@@ -39,7 +42,7 @@ from common import Row, pytest_benchmark_median, gpu_only, peak_memory_gib, prin
 
 NAME = "lm_head"
 TITLE = "LM head (Qwen2.5-14B: H=5120, V=152064, bf16)"
-METRICS = ["ms", "tflops", "gib"]
+METRICS = ["ms", "tflops", "gib", "extra_gib", "x_matmuls"]
 H, V = 5120, 152064
 CHUNK = 32768
 
@@ -156,6 +159,35 @@ def _setup_longvita(case):
     return run
 
 
+def _setup_longvita_options(case):
+    from longvita.kernels.lm_head import linear_cross_entropy
+
+    if case.mode != "train":
+        return None
+    hidden, weight, labels = _inputs(case)
+    bias = torch.zeros(V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def loss_fn(h, w, y):
+        return linear_cross_entropy(h, w, y, bias=bias, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
+                                    backend="triton")
+
+    run = _train(loss_fn, hidden, weight, labels)
+
+    def run_and_drop_bias_grad():
+        run()
+        bias.grad = None
+    return run_and_drop_bias_grad
+
+
+def _setup_longvita_accum_fp32(case):
+    from longvita.kernels.lm_head import linear_cross_entropy
+
+    if case.mode != "train":
+        return None
+    return _train(lambda h, w, y: linear_cross_entropy(h, w, y, backend="triton", accum_dtype=torch.float32),
+                  *_inputs(case))
+
+
 def _setup_liger(case):
     if case.mode != "train":
         return None
@@ -211,11 +243,15 @@ IMPLS = {
     "plain head": _setup_plain,
     "chunked head (32K rows)": _setup_chunked,
     "longvita": _setup_longvita,
+    "longvita (bias, smoothing, z-loss, softcap)": _setup_longvita_options,
+    "longvita (accum_dtype=fp32)": _setup_longvita_accum_fp32,
     "liger fused linear CE": _setup_liger,
     "cut-cross-entropy": _setup_cce,
     "torch F.linear_cross_entropy": _setup_torch_lce,
     "matmuls only (floor)": _setup_matmuls,
 }
+# left out of --quick runs (gpu_session.sh gives the quick run a 50 s cap)
+FULL_ONLY = {"longvita (accum_dtype=fp32)"}
 
 
 def measure(case: Case, impl: str, quick: bool) -> dict:
@@ -232,7 +268,18 @@ def measure(case: Case, impl: str, quick: bool) -> dict:
     finally:
         fn = None
         torch.cuda.empty_cache()
-    return {"ms": ms, "tflops": case.flops() / (ms * 1e-3) / 1e12, "gib": gib}
+    out = {"ms": ms, "tflops": case.flops() / (ms * 1e-3) / 1e12, "gib": gib}
+    if case.mode == "train" and impl != "matmuls only (floor)":
+        out["extra_gib"] = gib - (case.n * H + V * H) * 2 / 2**30  # less d(hidden), d(weight) (bf16)
+    return out
+
+
+def add_matmul_ratios(rows: list[Row]) -> None:
+    """x_matmuls: each training row's time over the matmuls-only row of its case."""
+    floor = {r.case: r.metrics["ms"] for r in rows if r.impl == "matmuls only (floor)"}
+    for r in rows:
+        if r.case in floor and r.impl != "matmuls only (floor)":
+            r.metrics["x_matmuls"] = r.metrics["ms"] / floor[r.case]
 
 
 def main(argv=None) -> int:
@@ -246,11 +293,14 @@ def main(argv=None) -> int:
     rows = []
     for case in cases(args.quick):
         for impl in IMPLS:
+            if args.quick and impl in FULL_ONLY:
+                continue
             metrics = measure(case, impl, args.quick)
             if metrics:
                 rows.append(Row(case.name, impl, metrics))
                 write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
                 print(f"  {case.name} {impl}: {metrics['ms']:.2f} ms, {metrics['gib']:.2f} GiB", file=sys.stderr)
+        add_matmul_ratios(rows)
     print_table(TITLE, rows, METRICS)
     write_json(NAME, TITLE, rows, METRICS, args.out)
     return 0

@@ -98,12 +98,16 @@ def attention(dtype, d, causal, window=(-1, -1), hq=4, hkv=2):
     (out.float().sum() + lse.sum()).backward()
 
 
-def lm_head(dtype, reduction):
+def lm_head(dtype, reduction, options=False):
     h = torch.randn(300, 128, dtype=dtype, requires_grad=True)
     w = torch.randn(1000, 128, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, 1000, (300,))
-    loss = linear_cross_entropy(h, w, labels, reduction=reduction, backend="triton")
-    loss.float().sum().backward()
+    opts = dict(bias=torch.randn(1000, dtype=dtype, requires_grad=True), label_smoothing=0.1, z_loss=1e-4,
+                softcap=30.0) if options else {}
+    # 'mean': the fused row kernel and the gradient scaling; 'none': the loss-only and
+    # the gradient-only row kernels (forward, recompute backward)
+    loss = linear_cross_entropy(h, w, labels, reduction=reduction, backend="triton", **opts)
+    (loss.float().sum() * 2).backward()
 
 
 def pixel_shuffle(dtype):
@@ -129,6 +133,7 @@ for dtype in (torch.bfloat16, torch.float16):
     cases.append((f"attention {dt} d80 window", lambda dtype=dtype: attention(dtype, 80, True, (32, 0), hq=5, hkv=1)))
     for reduction in ("mean", "none"):
         cases.append((f"lm_head {dt} {reduction}", lambda dtype=dtype, r=reduction: lm_head(dtype, r)))
+        cases.append((f"lm_head {dt} {reduction} options", lambda dtype=dtype, r=reduction: lm_head(dtype, r, True)))
     cases.append((f"pixel_shuffle {dt}", lambda dtype=dtype: pixel_shuffle(dtype)))
 cases.append(("lse_merge fp32", merge))
 # fp32 inputs take exact ("ieee") dots: compile them once too

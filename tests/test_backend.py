@@ -82,7 +82,7 @@ def ran(monkeypatch):
     spy(va, "varlen_attention_fwd_torch", ("varlen_attention", "torch"))
     spy(va, "varlen_attention_sdpa", ("varlen_attention", "torch"))  # the torch backend's fast path
     spy(va, "_flash_attn_fwd", ("varlen_attention", "flash_attn"))
-    spy(lh, "torch_forward", ("lm_head", "torch"))
+    spy(lh, "torch_rows", ("lm_head", "torch"))
     spy(ps, "torch_shuffle_layernorm", ("pixel_shuffle", "torch"))
     spy(lm, "lse_merge_torch_", ("lse_merge", "torch"))
     ext = native()
@@ -103,7 +103,7 @@ def ran(monkeypatch):
             for m in ("lm_head", "lse_merge", "pixel_shuffle", "attention")
         )
         spy(vat, "varlen_attention_fwd_triton", ("varlen_attention", "triton"))
-        spy(lht, "triton_forward", ("lm_head", "triton"))
+        spy(lht, "triton_rows", ("lm_head", "triton"))
         spy(pst, "triton_ln_fwd", ("pixel_shuffle", "triton"))
         spy(lmt, "triton_lse_merge_", ("lse_merge", "triton"))
     monkeypatch.delenv("LONGVITA_BACKEND", raising=False)

@@ -16,7 +16,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_report.py
 H100_MAX_SHARED = 227 * 1024  # bytes of shared memory one block can have on sm_90
 EXPECTED = {
     "_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",  # varlen attention
-    "_lce_fwd_kernel", "_lce_bwd_kernel", "_ce_grad_inplace_kernel",  # LM head
+    "_lce_rows_kernel", "_scale_grad_kernel",  # LM head
     "_ps_ln_fwd_kernel", "_ps_ln_bwd_kernel",  # pixel shuffle projector
     "_lse_merge_kernel",  # ring attention's merge
 }

@@ -233,23 +233,39 @@ def linear_cross_entropy_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     shift: bool = False,
+    *,
+    bias: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """F.cross_entropy(hidden @ weight.T, labels) with fp32 (or fp64) logits, fully materialised.
+    """F.cross_entropy(F.linear(hidden, weight, bias), labels) with fp32 (or fp64) logits,
+    fully materialised: the plain head every option of ``linear_cross_entropy`` is defined by.
 
-    ``shift=True`` predicts labels[i+1] from hidden[i] (causal LM convention).
-    All labels ignored with reduction='mean' gives 0, not NaN.
+    hidden (..., H), labels (...): any leading dims. ``shift=True`` predicts
+    labels[..., t+1] from hidden[..., t, :] within each row (causal LM convention): the
+    per-row loss has shape (..., T - 1). The logits are computed in hidden's dtype and
+    cast to the accumulation dtype; ``softcap`` maps them to ``softcap * tanh(logits /
+    softcap)``; ``label_smoothing`` is F.cross_entropy's; ``z_loss`` adds
+    ``z_loss * logsumexp(logits)**2`` per labelled row. All labels ignored with
+    reduction='mean' gives 0, not NaN.
     """
     if shift:
-        hidden, labels = hidden[:-1], labels[1:]
+        hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = (hidden @ weight.t()).to(acc)
-    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    logits = F.linear(hidden, weight, bias).to(acc).reshape(-1, weight.shape[0])  # (N, V)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    y = labels.reshape(-1)
+    loss = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    valid = y != ignore_index
+    if z_loss:
+        loss = loss + z_loss * torch.where(valid, torch.logsumexp(logits, -1) ** 2, 0.0)
     if reduction == "none":
-        return loss
+        return loss.reshape(labels.shape)
     if reduction == "sum":
         return loss.sum()
-    count = (labels != ignore_index).sum()
-    return loss.sum() / count.clamp(min=1)
+    return loss.sum() / valid.sum().clamp(min=1)
 
 
 # --------------------------------------------------------------------------------------
