@@ -65,8 +65,10 @@ CALLS = {"varlen_attention": _attention, "lm_head": _lm_head, "pixel_shuffle": _
 def ran(monkeypatch):
     """Spies on every implementation a family can run on CPU; yields the (family, backend)
     pairs that ran, in order."""
+    # where each family's torch path is called from (the LM head's chunk loop is its own module)
     lh, lm, ps, va = (
-        importlib.import_module(f"longvita.kernels.{m}.api") for m in ("lm_head", "lse_merge", "pixel_shuffle", "attention")
+        importlib.import_module(f"longvita.kernels.{m}") for m in ("lm_head.chunks", "lse_merge.api", "pixel_shuffle.api",
+                                                                    "attention.api")
     )
     calls = []
 

@@ -209,8 +209,8 @@ def test_lce_fp16_accum_fp32_over_many_chunks(backend, monkeypatch):
     n, h, v = SHAPES[backend]
     hidden, weight, labels = _inputs(n, h, v, torch.float16, ignore_frac=0.3)
     per_chunk = -(-int((labels != -100).sum()) // 22)
-    monkeypatch.setattr(lh, "_TRITON_CHUNK_BYTES", per_chunk * v * 2)
-    monkeypatch.setattr(lh, "_TORCH_CHUNK_BYTES", per_chunk * v * 4)
+    monkeypatch.setattr(lh.chunks, "TRITON_CHUNK_BYTES", per_chunk * v * 2)
+    monkeypatch.setattr(lh.chunks, "TORCH_CHUNK_BYTES", per_chunk * v * 4)
     ours = _run(lambda a, w, y: linear_cross_entropy(a, w, y, backend=backend, accum_dtype=torch.float32),
                 hidden, weight, labels)
     assert ours[2].dtype == torch.float64 and weight.dtype == torch.float16  # came back as fp16, compared in fp64
@@ -372,9 +372,9 @@ def test_lce_fp16_weight_grad_over_three_chunks(backend, monkeypatch):
     hidden, weight, labels = _inputs(n, h, v, torch.float16, ignore_frac=0.3)
     per_chunk = -(-int((labels != -100).sum()) // 3)
     if backend == "triton":
-        monkeypatch.setattr(lh, "_TRITON_CHUNK_BYTES", per_chunk * v * 2)
+        monkeypatch.setattr(lh.chunks, "TRITON_CHUNK_BYTES", per_chunk * v * 2)
     else:
-        monkeypatch.setattr(lh, "_TORCH_CHUNK_BYTES", per_chunk * v * 4)
+        monkeypatch.setattr(lh.chunks, "TORCH_CHUNK_BYTES", per_chunk * v * 4)
     calls = []
     real_mm = torch.Tensor.addmm_
     monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: calls.append(1) or real_mm(self, *a, **k))
@@ -388,7 +388,7 @@ def test_lce_odd_shape_and_tiny_chunks_torch(monkeypatch):
     """Many chunks on the torch path: rows split at odd places still sum to the reference."""
     import longvita.kernels.lm_head.api as lh
 
-    monkeypatch.setattr(lh, "_TORCH_CHUNK_BYTES", 7 * 4 * 1009)  # 7 rows per chunk
+    monkeypatch.setattr(lh.chunks, "TORCH_CHUNK_BYTES", 7 * 4 * 1009)  # 7 rows per chunk
     for n in (0, 1, 301):
         hidden, weight, labels = _inputs(n, 48, 1009, torch.float32, ignore_frac=0.7)
         out = _run(lambda a, b, y: linear_cross_entropy(a, b, y, backend="torch"), hidden, weight, labels)
@@ -407,7 +407,7 @@ def test_lce_triton_row_chunks(monkeypatch):
 
     hidden, weight, labels = _inputs(50, 40, 203, torch.float32, ignore_frac=0.3)
     bias = torch.randn(203, device=DEVICE)
-    monkeypatch.setattr(lh, "_TRITON_CHUNK_BYTES", 7 * 203 * 4)  # 7 rows per chunk
+    monkeypatch.setattr(lh.chunks, "TRITON_CHUNK_BYTES", 7 * 203 * 4)  # 7 rows per chunk
     up = torch.rand(50, dtype=torch.float64, device=DEVICE)
     for reduction, upstream in (("none", up), ("sum", None)):
         for b in (None, bias):
@@ -583,7 +583,7 @@ def test_lce_cpu_memory_is_bounded():
         import longvita.kernels.lm_head.api as lh
         n, chunk = int(sys.argv[1]), int(sys.argv[2])
         if chunk:
-            lh._TORCH_CHUNK_BYTES = chunk
+            lh.chunks.TORCH_CHUNK_BYTES = chunk
         h = torch.randn(n, 64).requires_grad_()
         w = (torch.randn(152064, 64) * 0.05).requires_grad_()
         y = torch.randint(0, 152064, (n,))
@@ -663,7 +663,7 @@ def test_lce_fused_path_allocations_are_bounded(monkeypatch):
     import longvita.kernels.lm_head.api as lh
 
     n, h, v, chunk = 96, 1024, 32000, 16
-    monkeypatch.setattr(lh, "_TRITON_CHUNK_BYTES", chunk * v * 2)
+    monkeypatch.setattr(lh.chunks, "TRITON_CHUNK_BYTES", chunk * v * 2)
     hidden, weight, labels = _inputs(n, h, v, torch.float16, ignore_frac=0.3)
     hidden.requires_grad_()
     weight.requires_grad_()
@@ -721,7 +721,7 @@ def test_lce_fused_extra_memory_at_qwen_shapes_on_meta(labelled, monkeypatch):
     weight = torch.empty(v, h, dtype=torch.bfloat16, device="meta", requires_grad=True)
     labels = torch.empty(n, dtype=torch.int64, device="meta")
     rows = None if m == n else torch.empty(m, dtype=torch.int64, device="meta")
-    params = lh.LCEParams(backend="triton", chunk_bytes=lh._TRITON_CHUNK_BYTES)
+    params = lh.LCEParams(backend="triton", chunk_bytes=lh.chunks.TRITON_CHUNK_BYTES)
     scale = torch.empty((), device="meta")
     probe, extra = _probe(lambda: lh._FusedLinearCrossEntropy.apply(hidden, weight, None, labels, rows, scale, params)
                           .backward(), hidden, weight)
@@ -900,7 +900,7 @@ def test_fused_sum_scales_its_gradients_in_fp32():
     """The fused path's gradients (fp16/bf16) are scaled by the incoming gradient (a
     mean's 1/N) in fp32: a scale rounded to fp16 first moves every value by up to 2^-11
     relative (d(weight) seen at 2.3x plain torch's error). Row chunks change nothing."""
-    from longvita.kernels.lm_head.api import _scale_
+    from longvita.kernels.lm_head.chunks import _scale_
 
     for dtype in (torch.float16, torch.bfloat16):
         grad = torch.randn(37, 11).to(dtype)

@@ -347,3 +347,18 @@ def test_bf16_precision_trains_close_to_fp32(tmp_path, capsys):
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)
     assert bf16[0]["loss"] != fp32[0]["loss"]  # it really computed in bf16
     assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "bf16" / "final").values())
+
+
+def test_recipe_loss_options_reach_the_loss(tmp_path, capsys):
+    """--set z_loss=... / label_smoothing=...: the first step's loss is the plain one plus
+    what the option adds (z-loss: a positive term; smoothing: the cross-entropy against a
+    smoothed target, larger for a model that is not uniform yet)."""
+    rc, plain, err = _train(capsys, tmp_path / "plain", "--steps", "1")
+    assert rc == 0, err
+    rc, z, err = _train(capsys, tmp_path / "z", "--steps", "1", "--set", "z_loss=0.5")
+    assert rc == 0, err
+    rc, smooth, err = _train(capsys, tmp_path / "s", "--steps", "1", "--set", "label_smoothing=0.5")
+    assert rc == 0, err
+    assert z[0]["loss"] > plain[0]["loss"] + 0.1 and smooth[0]["loss"] != plain[0]["loss"]
+    rc, _, err = _train(capsys, tmp_path / "bad", "--steps", "1", "--set", "label_smoothing=2")
+    assert rc == 1 and "label_smoothing" in err

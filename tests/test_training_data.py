@@ -11,16 +11,13 @@ import torch
 from longvita.data import InputError, SpecialTokens, build_default_tokenizer, build_inputs, load_image, tile_image
 from longvita.data.synthetic import write_synthetic_dataset
 from longvita.data.template import build_conversation
+from longvita.data.packing import Mixture, PackStream, pack_samples, stage_ratios
 from longvita.data.training import (
     IGNORE_INDEX,
     DataWarning,
     MediaConfig,
-    Mixture,
-    PackStream,
     Sample,
-    pack_samples,
     read_manifest,
-    stage_ratios,
     tokenize_sample,
     truncate,
 )

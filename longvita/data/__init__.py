@@ -1,7 +1,8 @@
 """Inputs: image tiling, video frames, tokenizer and the chat/media token layout, for
 each preprocessing family (``long-vita``, ``internvl``; see ``PREPROCESSING.md``); and
-training data: JSONL manifests, labelled samples, packs, stage mixtures, a synthetic set
-(``training.py``, ``synthetic.py``; docs/architecture.md, "Training data").
+training data: JSONL manifests, labelled samples (``training.py``), packs, stage mixtures
+and pack streams (``packing.py``), generated sets (``synthetic.py``, ``demo.py``;
+docs/architecture.md, "Training data").
 
 Sits beside ``longvita.model`` and does not import it."""
 
@@ -28,19 +29,14 @@ from longvita.data.template import (
     tokens_per_tile,
 )
 from longvita.data.tokenizer import SPECIAL_TOKENS, SpecialTokens, build_default_tokenizer, load_tokenizer
+from longvita.data.packing import Mixture, Pack, PackStream, pack_samples, pack_stream, stage_ratios
 from longvita.data.training import (
     IGNORE_INDEX,
     DataWarning,
     MediaConfig,
-    Mixture,
-    Pack,
-    PackStream,
     Sample,
     TokenizedSample,
-    pack_samples,
-    pack_stream,
     read_manifest,
-    stage_ratios,
     tokenize_sample,
     truncate,
 )

@@ -196,13 +196,17 @@ class LongVITA(nn.Module):
         ignore_index: int = IGNORE_INDEX,
         num_valid: torch.Tensor | int | None = None,
         group=None,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         """Mean next-token cross-entropy of ``hidden`` against ``labels`` (aligned with the
         rows: row i's label is the token it predicts, ``ignore_index`` where none), fused with
         the LM head so that logits never exist. ``num_valid`` or ``group`` make it a mean over
-        a global count (``longvita.kernels.linear_cross_entropy``)."""
+        a global count; ``label_smoothing`` and ``z_loss`` as ``linear_cross_entropy`` defines
+        them (``longvita.kernels.linear_cross_entropy``)."""
         return linear_cross_entropy(
-            hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid, group=group
+            hidden, self.lm_head.weight, labels, ignore_index=ignore_index, num_valid=num_valid, group=group,
+            label_smoothing=label_smoothing, z_loss=z_loss,
         )
 
     # ------------------------------------------------------------------ checkpoints

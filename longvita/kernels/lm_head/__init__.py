@@ -1,5 +1,7 @@
 """Gather-then-project LM head and fused linear cross-entropy: ``api.py`` (public functions,
-checks, autograd.Functions, custom ops), ``triton.py`` (GPU kernels), ``torch.py`` (the CPU path)."""
+autograd.Functions, custom ops), ``inputs.py`` (their argument checks), ``chunks.py`` (the
+chunk loop of GEMMs around the row kernel that both backends run: its memory, speed and
+precision), ``triton.py`` (the GPU row kernel), ``torch.py`` (the CPU row maths)."""
 
 from longvita.kernels.lm_head.api import (  # noqa: F401
     LCEParams,

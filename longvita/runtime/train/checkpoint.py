@@ -199,11 +199,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ collectives
     def _rank_world(self) -> tuple[int, int]:
-        import torch.distributed as dist
+        from longvita.parallel import rank_world  # imported here: this module loads before torch
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(self.group), dist.get_world_size(self.group)
-        return 0, 1
+        return rank_world(self.group)
 
     def _gather(self, value) -> list:
         rank, world = self._rank_world()

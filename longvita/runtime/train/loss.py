@@ -59,8 +59,11 @@ class PackedLoss(nn.Module):
         cp_group: dist.ProcessGroup | None = None,
         dp_group: dist.ProcessGroup | None = None,
         touch_vision: bool = False,
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
     ) -> torch.Tensor:
         model = self.model
+        options = {"label_smoothing": label_smoothing, "z_loss": z_loss}
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must match input_ids, got {tuple(labels.shape)} and {tuple(input_ids.shape)}")
         total = input_ids.shape[0]
@@ -75,11 +78,11 @@ class PackedLoss(nn.Module):
             rows = torch.arange(total, device=input_ids.device)
             embeds = model.embed_rows(input_ids, pixel_values, rows, touch_vision=touch_vision)[0]
             hidden = model(embeds, position_ids, PackedAttention(cu_seqlens, max_seqlen))
-            return model.loss(hidden, labels, num_valid=num_valid)
+            return model.loss(hidden, labels, num_valid=num_valid, **options)
         shard = CPShard.build(cu_seqlens, cp_group, input_ids.device)
         embeds, _ = shard.embed(model, input_ids, pixel_values, touch_vision=touch_vision)
         hidden = model(embeds, shard.positions(position_ids), shard.attention())
-        return model.loss(hidden, shard.take(labels, IGNORE_INDEX), num_valid=num_valid)
+        return model.loss(hidden, shard.take(labels, IGNORE_INDEX), num_valid=num_valid, **options)
 
 
 def packed_loss(
@@ -94,6 +97,8 @@ def packed_loss(
     cp_group: dist.ProcessGroup | None = None,
     dp_group: dist.ProcessGroup | None = None,
     touch_vision: bool | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """This rank's share of the mean cross-entropy of a packed batch (see the module
     docstring: the shares of all ranks add up to the global mean).
@@ -108,12 +113,14 @@ def packed_loss(
         one process). dp_group: the data-parallel group whose batches make the global mean.
     touch_vision: run the vision tower even on a rank with no media (the vision rule);
         default: whenever the pack has media and the CP group has several ranks.
+    label_smoothing, z_loss: the loss's options (``LongVITA.loss``).
     """
     if touch_vision is None:
         touch_vision = pixel_values is not None and rank_world(cp_group)[1] > 1
     module = model if isinstance(model, PackedLoss) else PackedLoss(model)
     return module(input_ids, labels, pixel_values, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                  max_seqlen=max_seqlen, cp_group=cp_group, dp_group=dp_group, touch_vision=touch_vision)
+                  max_seqlen=max_seqlen, cp_group=cp_group, dp_group=dp_group, touch_vision=touch_vision,
+                  label_smoothing=label_smoothing, z_loss=z_loss)
 
 
 def all_reduce_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:

@@ -66,6 +66,8 @@ class StageRecipe:
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0: off
+    label_smoothing: float = 0.0  # as F.cross_entropy defines it
+    z_loss: float = 0.0  # PaLM's z-loss weight: z_loss * lse**2 per labelled token
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -80,7 +82,9 @@ class StageRecipe:
             v = getattr(self, key)
             if not (v >= 0 and math.isfinite(v)):
                 problems.append(f"{key} must be a finite number >= 0, got {v}")
-        for key in ("beta1", "beta2", "warmup_ratio", "min_lr_ratio", "layer_decay"):
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            problems.append(f"z_loss must be a finite number >= 0, got {self.z_loss}")
+        for key in ("beta1", "beta2", "warmup_ratio", "min_lr_ratio", "layer_decay", "label_smoothing"):
             v = getattr(self, key)
             if not 0 <= v <= 1:
                 problems.append(f"{key} must be in [0, 1], got {v}")

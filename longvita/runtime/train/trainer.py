@@ -157,7 +157,7 @@ class Trainer:
                 self.module, pack.input_ids.to(device), pack.labels.to(device), pixels,
                 cu_seqlens=pack.cu_seqlens.to(device), position_ids=pack.position_ids.to(device),
                 max_seqlen=pack.max_seqlen, cp_group=self.mesh.cp_group, dp_group=self.mesh.dp_group,
-                touch_vision=touch_vision,
+                touch_vision=touch_vision, label_smoothing=self.recipe.label_smoothing, z_loss=self.recipe.z_loss,
             )
         report = loss.detach().clone().double()
         if self.dims.world > 1:
