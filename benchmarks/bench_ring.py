@@ -124,7 +124,7 @@ def predict(case: Case, block_ms: dict[str, float], comm_ms: float) -> dict:
 
 def setup_block(case: Case, kind: str, backward: bool, device="cuda"):
     """fn() computing rank 1's block of ``kind`` (forward + merge, or backward) on ``device``."""
-    from longvita.parallel.ring import _step_block
+    from longvita.parallel.ring import ring_block
     from longvita.kernels import lse_merge_, varlen_attention_bwd, varlen_attention_fwd
 
     layout = zigzag_layout(case.cu_seqlens, case.world, device)
@@ -134,7 +134,7 @@ def setup_block(case: Case, kind: str, backward: bool, device="cuda"):
     v = torch.randn(n, case.hkv, case.d, device=device, dtype=dt)
     rank = 1 if kind != "after" else 0  # a rank for which this kind exists (P >= 2)
     src = {"diag": rank, "before": 0, "after": 1}[kind]
-    cu_q, cu_k, max_q, max_k, causal = _step_block(layout, rank, src, True)
+    cu_q, cu_k, max_q, max_k, causal = ring_block(layout, rank, src, True)
     out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
     if backward:
         dout = torch.randn_like(out)

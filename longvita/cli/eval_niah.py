@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass
 
 from longvita.cli import checks
-from longvita.cli._ranks import Ranks, add_rank_flags, ranks
+from longvita.cli._ranks import Ranks, add_rank_flags, ranks, world_size
 from longvita.cli.errors import UsageError
 from longvita.cli.generate import DTYPES, MODEL_HELP
+from longvita.parallel.dims import ParallelDims
 
 DEFAULT_FRAMES = "4,8,16,32"
 DEFAULT_CONTEXT = "256,512,1024,2048"
@@ -30,6 +31,7 @@ class NiahOptions:
     depths: tuple[float, ...]
     distractors: int
     preprocess: str | None
+    ulysses: int
     out: str
     resume: bool
     seed: int
@@ -55,10 +57,13 @@ class NiahOptions:
             raise UsageError(f"--needles: {args.needles!r} is not a file")
         num_needles = checks.check_int("--num-needles", args.num_needles, 1,
                                        MAX_TEXT_NEEDLES if args.mode == "text" else 1024)
+        ulysses = checks.check_int("--ulysses", args.ulysses, 1)
+        ParallelDims.of(world_size(), None, ulysses)  # --ulysses must divide the CP group (every rank)
         return cls(
             mode=args.mode, model=checks.check_model(args.model), haystack=args.haystack, needles=args.needles,
             num_needles=num_needles, lengths=lengths, depths=checks.depth_list(args.depths),
             distractors=checks.check_int("--distractors", args.distractors, 0, 64), preprocess=args.preprocess,
+            ulysses=ulysses,
             out=checks.check_out_dir("--out", args.out), resume=bool(args.resume), seed=checks.check_seed(args.seed),
             dtype=args.dtype, device=checks.check_device(args.device), timeout=checks.check_timeout(args.timeout),
             json=bool(args.json),
@@ -82,6 +87,8 @@ def add_parser(esub, fmt) -> None:
     n.add_argument("--depths", default=DEFAULT_DEPTHS, metavar="D,D,...", help="needle depths, percent")
     n.add_argument("--distractors", type=int, default=0, help="text: distractor sentences with other cities")
     n.add_argument("--preprocess", choices=["long-vita", "internvl"], help="preprocessing family (unset: the checkpoint's)")
+    n.add_argument("--ulysses", type=int, default=1, metavar="U",
+                   help="under torchrun: Ulysses groups of U ranks (all-to-all over heads) inside the ring")
     n.add_argument("--out", default="longvita-niah", metavar="DIR",
                    help="results.jsonl, run.json, results.csv, heatmap.png and the haystack feature cache")
     n.add_argument("--resume", action="store_true",
@@ -118,6 +125,7 @@ def _eval_niah(opts: NiahOptions, r: Ranks) -> int:
     import torch
 
     from longvita.eval.niah import NiahGrid, default_needles, load_needles, run_niah, summary
+    from longvita.parallel import check_ulysses_heads
     from longvita.pipeline import load_pipeline, peek_config
 
     _check_lengths(opts, peek_config(opts.model))
@@ -129,9 +137,14 @@ def _eval_niah(opts: NiahOptions, r: Ranks) -> int:
     else:
         needles = default_needles(opts.mode, opts.num_needles, opts.seed, size)
     t0 = time.perf_counter()
+    cp = None
+    if r.world > 1:
+        t = pipe.model.config.text
+        check_ulysses_heads(opts.ulysses, t.num_heads, t.num_kv_heads)
+        cp = ParallelDims.of(r.world, None, opts.ulysses).build(pipe.device.type).cp
     rows = run_niah(pipe, grid, needles, opts.out, haystack=opts.haystack,
                     preprocess=opts.preprocess or pipe.model.config.preprocess, resume=opts.resume,
-                    show_progress=not opts.json)
+                    show_progress=not opts.json, group=cp)
     result = summary(rows)
     result.update(out=opts.out, seconds=round(time.perf_counter() - t0, 3), world_size=r.world, model=pipe.source)
     if r.rank == 0:

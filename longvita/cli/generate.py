@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from longvita.cli import checks
 from longvita.cli._ranks import Ranks, add_rank_flags, ranks, world_size
 from longvita.cli.errors import UsageError
+from longvita.parallel.dims import ParallelDims
 
 DTYPES = ("float32", "bfloat16", "float16")
 LONG_PREFILL_TOKENS = 8192  # prompts from this long show a prefill progress bar
@@ -32,6 +33,7 @@ class GenerateOptions:
     top_k: int
     top_p: float
     prefill_chunk: int | None
+    ulysses: int
     split_special_tokens: bool
     seed: int
     dtype: str
@@ -46,8 +48,8 @@ class GenerateOptions:
         if args.cp is not None and args.cp != world:
             raise UsageError(f"--cp {args.cp}: the context-parallel group is every process, and there are {world} "
                              f"(run under torchrun --nproc-per-node {args.cp})")
-        if world > 1 and args.prefill_chunk is not None:
-            raise UsageError("--prefill-chunk runs in one process; under context parallelism each rank holds 1/P of the prompt")
+        ulysses = checks.check_int("--ulysses", args.ulysses, 1)
+        ParallelDims.of(world, world, ulysses)  # --ulysses must divide the CP group
         return cls(
             model=checks.check_model(args.model),
             images=tuple(checks.check_file("--image", p) for p in args.image or ()),
@@ -61,6 +63,7 @@ class GenerateOptions:
             top_k=checks.check_int("--top-k", args.top_k, 0),
             top_p=checks.check_number("--top-p", args.top_p, 0.0, 1.0, open_min=True, hint=" (in (0, 1]; 1: off)"),
             prefill_chunk=None if args.prefill_chunk is None else checks.check_int("--prefill-chunk", args.prefill_chunk, 1),
+            ulysses=ulysses,
             split_special_tokens=bool(args.split_special_tokens),
             seed=checks.check_seed(args.seed),
             dtype=args.dtype,
@@ -85,9 +88,13 @@ def add_parser(sub, fmt) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass; 1: off")
     g.add_argument("--prefill-chunk", type=int, metavar="N",
-                   help="one process: run the prompt through the KV cache N tokens at a time (bounds activation memory)")
+                   help="run the prompt through the KV cache N tokens at a time (under torchrun: N per rank), so "
+                        "activation memory is bounded by N, not by the prompt")
     g.add_argument("--cp", type=int, metavar="N",
                    help="context-parallel ranks; must equal the torchrun world size (unset: all of them)")
+    g.add_argument("--ulysses", type=int, default=1, metavar="U",
+                   help="under torchrun: Ulysses groups of U ranks (all-to-all over heads) inside the ring; U divides "
+                        "--cp, and the model's heads")
     g.add_argument("--split-special-tokens", action="store_true",
                    help="treat chat-control tokens typed in --prompt (<|im_start|>, <|im_end|>) as plain text "
                         "(for untrusted prompts; by default they act as control tokens, as in transformers)")
@@ -195,7 +202,11 @@ def _generate(opts: GenerateOptions, r: Ranks) -> int:
     # a long prefill shows its progress on rank 0 (stderr; tqdm hides itself off a terminal)
     prefill_bar = tqdm(total=100, desc="prefill", unit="%", leave=False,
                        disable=True if r.rank != 0 or n_prompt < LONG_PREFILL_TOKENS else None)
-    plan = ContextParallelPlan() if r.world > 1 else LocalPlan(opts.prefill_chunk)
+    if r.world > 1:
+        mesh = ParallelDims.of(r.world, r.world, opts.ulysses).build(pipe.device.type)
+        plan = ContextParallelPlan(mesh.cp, prefill_chunk=opts.prefill_chunk)
+    else:
+        plan = LocalPlan(opts.prefill_chunk)
     # media stay on the CPU (video frames as uint8): the model moves and normalises one
     # bounded chunk of tiles at a time, and under CP each rank only the tiles it owns
     stream = generate(pipe.model, prompt.input_ids, prompt.pixel_values, plan=plan, max_new_tokens=opts.max_new_tokens,

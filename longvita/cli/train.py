@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from longvita.cli import checks
 from longvita.cli._ranks import Ranks, add_rank_flags, ranks, world_size
 from longvita.cli.errors import UsageError
+from longvita.parallel.dims import ParallelDims
 from longvita.runtime.train import recipe as recipes
 from longvita.runtime.train.checkpoint import CHECKPOINT_DIR, complete_checkpoints
 
@@ -39,6 +40,7 @@ class TrainOptions:
     precision: str
     activation_checkpointing: bool
     cp: int | None
+    ulysses: int
     out: str
     resume: bool
     checkpoint_every: int
@@ -77,6 +79,8 @@ class TrainOptions:
         cp = given["cp"]
         if cp is not None and (checks.check_int("--cp", cp, 1) > world or world % cp):
             raise UsageError(f"--cp {cp} must divide the number of processes ({world})")
+        ulysses = checks.check_int("--ulysses", args.ulysses, 1)
+        ParallelDims.of(world, cp, ulysses)  # --ulysses must divide the CP group
         model = checks.check_model(given["model"])
         data = checks.check_file("--data", given["data"]) if given["data"] is not None else None
         out = checks.check_out_dir("--out", args.out)
@@ -91,7 +95,8 @@ class TrainOptions:
         ac = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and r.seq_len >= LONG_SEQUENCE_AC)
         return cls(
             stage=stage, recipe_name=given["recipe"], recipe=r, model=model, data=data, steps=steps,
-            seed=checks.check_seed(given["seed"]), precision=precision, activation_checkpointing=ac, cp=cp, out=out,
+            seed=checks.check_seed(given["seed"]), precision=precision, activation_checkpointing=ac, cp=cp,
+            ulysses=ulysses, out=out,
             resume=bool(args.resume), checkpoint_every=checks.check_int("--checkpoint-every", given["checkpoint_every"], 0),
             keep=checks.check_int("--keep", given["keep"], 1), device=checks.check_device(args.device),
             timeout=checks.check_timeout(args.timeout), json=bool(args.json),
@@ -135,6 +140,8 @@ def add_parser(sub, fmt) -> None:
                    help=f"recompute each layer in the backward; auto: on from {LONG_SEQUENCE_AC} tokens")
     t.add_argument("--cp", type=int, metavar="N",
                    help="ranks per context-parallel group; the rest of the world is data parallel (FSDP2) (unset: all)")
+    t.add_argument("--ulysses", type=int, default=1, metavar="U",
+                   help="Ulysses groups of U ranks (all-to-all over heads) inside each CP group's ring; U divides --cp")
     t.add_argument("--out", default="longvita-train", metavar="DIR", help="run folder: checkpoints/, final/")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --out that verifies")
@@ -202,6 +209,7 @@ def _train(opts: TrainOptions, r: Ranks) -> int:
                          seq_len=opts.recipe.seq_len, reset=opts.recipe.reset, seed=opts.seed,
                          in_order=opts.demo and opts.data is None)
     trainer = Trainer(pipe.model, pipe.tokenizer, opts.recipe, stream, steps=opts.steps, out=opts.out, cp=opts.cp,
+                      ulysses=opts.ulysses,
                       checkpoint_every=opts.checkpoint_every, keep=opts.keep,
                       activation_checkpointing=opts.activation_checkpointing,
                       mixed_precision=None if opts.precision == "fp32" else opts.precision)

@@ -85,7 +85,7 @@ class RingParams:
     backend: str | None
 
 
-def _step_block(layout: ZigzagLayout, rank: int, src: int, causal: bool):
+def ring_block(layout: ZigzagLayout, rank: int, src: int, causal: bool):
     """(cu_q, cu_k, max_q, max_k, causal) of the sub-block rank ``rank`` computes
     against the K/V block of rank ``src``."""
     n, c = layout.max_seqlen_local, layout.max_chunk
@@ -110,7 +110,7 @@ def _ring_forward(q, kv, layout: ZigzagLayout, p: RingParams):
         if step + 1 < world:  # post the next block's transfer before this block's compute
             comm.send_recv(cur, bufs[(step + 1) % 2])
             comm.commit()
-        cu_q, cu_k, max_q, max_k, causal = _step_block(layout, rank, (rank - step) % world, p.causal)
+        cu_q, cu_k, max_q, max_k, causal = ring_block(layout, rank, (rank - step) % world, p.causal)
         out_b, lse_b = varlen_attention_fwd(
             q, cur[0], cur[1], cu_q, cu_k, max_q, max_k, p.softmax_scale, causal, backend=p.backend
         )
@@ -139,7 +139,7 @@ def _ring_backward(dout, dlse, q, kv, out, lse, layout: ZigzagLayout, p: RingPar
         if step + 1 < world:
             kv_comm.send_recv(cur, kv_bufs[(step + 1) % 2])
             kv_comm.commit()
-        cu_q, cu_k, max_q, max_k, causal = _step_block(layout, rank, (rank - step) % world, p.causal)
+        cu_q, cu_k, max_q, max_k, causal = ring_block(layout, rank, (rank - step) % world, p.causal)
         dq_b, dk_b, dv_b = varlen_attention_bwd(
             dout, q, cur[0], cur[1], out, lse, cu_q, cu_k, max_q, max_k, p.softmax_scale, causal,
             dlse=dlse, backend=p.backend,

@@ -4,12 +4,14 @@ stop), run by a plan that says where the prompt and the KV cache live.
 - ``LocalPlan``: one process and one ``KVCache``; ``prefill_chunk=N`` runs the prompt
   through the cache N tokens at a time (media included), so activation memory is bounded
   by N, not by the prompt.
-- ``ContextParallelPlan``: the prompt is zigzag-sharded over the ranks of a group
-  (``parallel.CPShard``); every decoder layer runs ring attention, each rank encodes only
-  the tiles whose context tokens it holds and keeps the K/V of its real tokens; only the
-  last prompt position reaches the LM head, on the rank that holds it, and its logits are
-  broadcast. Decoding runs the new token on every rank against the sharded cache
-  (``parallel.ShardedDecodeAttention``). Every rank yields the same tokens.
+- ``ContextParallelPlan``: the prompt is sharded over the ranks of a context-parallel group
+  (``parallel.CPShard``: zigzag over a ring, optionally Ulysses inside it); every decoder
+  layer runs ring attention, each rank encodes only the tiles whose context tokens it
+  holds and keeps the K/V of its real tokens; only the last prompt position reaches the LM
+  head, on the rank that holds it, and its logits are broadcast. ``prefill_chunk`` prefills
+  through the sharded cache a chunk at a time. Decoding runs the new token on every rank
+  against the sharded cache (``parallel.ShardedDecodeAttention``). Every rank yields the
+  same tokens.
 
 Both plans give every rank the logits of every step, so every rank draws from its own
 generator in step with the others (and with a single-process run); rank 0's choice is
@@ -26,7 +28,16 @@ import torch
 
 from longvita.common import LongVITAError
 from longvita.model import CachedAttention, KVCache, LongVITA
-from longvita.parallel import CPShard, RingPrefillAttention, ShardedDecodeAttention, ShardedKVCache, rank_world
+from longvita.parallel import (
+    ChunkPrefillAttention,
+    CPGroups,
+    CPShard,
+    PrefillCacheAttention,
+    ShardedDecodeAttention,
+    ShardedKVCache,
+    check_ulysses_heads,
+    rank_world,
+)
 from longvita.parallel.groups import broadcast_from
 from longvita.runtime.sampling import Sampling
 
@@ -102,15 +113,25 @@ class LocalPlan:
 
 
 class ContextParallelPlan:
-    """The prompt and the KV cache split over the ranks of ``group`` (None: the default
-    group when torch.distributed is initialised, else one process through the same code).
-    Every rank calls ``generate`` with the same arguments and yields the same tokens."""
+    """The prompt and the KV cache split over the ranks of a context-parallel group: ``cp`` is
+    a ``parallel.CPGroups`` (a ring of Ulysses groups), a process group (a plain ring over
+    it), or None (the default group when torch.distributed is initialised, else one process
+    through the same code). Every rank calls ``generate`` with the same arguments and yields
+    the same tokens.
 
-    def __init__(self, group=None, tiles_per_chunk: int = 64):
+    ``prefill_chunk=N``: the prompt goes through the sharded cache N tokens per rank at a
+    time (N x P per step): each chunk is zigzag-sharded, its rows attend causally to each
+    other over the ring and fully to the earlier chunks in every rank's cache shard
+    (``parallel.ChunkPrefillAttention``), so a rank's activation memory is bounded by N."""
+
+    def __init__(self, cp=None, tiles_per_chunk: int = 64, prefill_chunk: int | None = None):
         if tiles_per_chunk < 1:
             raise ValueError(f"tiles_per_chunk must be >= 1, got {tiles_per_chunk}")
-        self.group, self.tiles_per_chunk = group, tiles_per_chunk
-        self.rank, self.world = rank_world(group)
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        self.groups = CPGroups.of(cp)
+        self.tiles_per_chunk, self.prefill_chunk = tiles_per_chunk, prefill_chunk
+        self.rank, self.world = rank_world(self.groups.group)
         self.stats = GenerationStats()
         self.cache: ShardedKVCache | None = None
 
@@ -118,39 +139,52 @@ class ContextParallelPlan:
         if input_ids.shape[0] < 2 * self.world:
             raise ValueError(f"the prompt has {input_ids.shape[0]} tokens: context parallelism over {self.world} "
                              f"ranks needs at least {2 * self.world}")
+        t = model.config.text
+        check_ulysses_heads(self.groups.ulysses_degree, t.num_heads, t.num_kv_heads)
 
     def prefill(self, model, input_ids, pixel_values, capacity: int, progress) -> torch.Tensor:
         total = input_ids.shape[0]
         device = model.lm_head.weight.device
         input_ids = input_ids.to(device)
-        shard = CPShard.of_sequence(total, self.group, device)
-        embeds, tiles = shard.embed(model, input_ids, pixel_values, tiles_per_chunk=self.tiles_per_chunk)
-        lengths = [int(shard.layout.real_tokens[r].sum()) for r in range(self.world)]
+        step = self.prefill_chunk * self.world if self.prefill_chunk else total
+        shards = [CPShard.of_sequence(min(step, total - s), self.groups, device, offset=s) for s in range(0, total, step)]
+        # every rank's real rows of every chunk (the layouts are shared: the same on every rank)
+        added = [[shard.real_rows_of(c) for c in range(self.world)] for shard in shards]
+        mine = sum(a[self.rank] for a in added)
         # at most every decoded token lands on this rank
-        self.cache = cache = ShardedKVCache(model.config.text, lengths[self.rank] + capacity - total, lengths,
-                                            self.rank, device, embeds.dtype)
+        self.cache = cache = ShardedKVCache(model.config.text, mine + capacity - total, [0] * self.world, self.rank,
+                                            device, model.text.embed_tokens.weight.dtype)
+        layers, tiles = model.config.text.num_layers, 0
+        for j, shard in enumerate(shards):
+            embeds, n = shard.embed(model, input_ids, pixel_values, tiles_per_chunk=self.tiles_per_chunk)
+            tiles += n
+            report = None if progress is None else (lambda f, j=j: progress((j + f) / len(shards)))
+            real_rows = shard.valid.nonzero().squeeze(1)
+            if len(shards) == 1:
+                attention = PrefillCacheAttention(shard.attention(), real_rows, cache, added[j], report, layers)
+            else:
+                attention = ChunkPrefillAttention(shard.attention(with_lse=True), real_rows, cache, added[j],
+                                                  self.groups.group, self.world, report, layers)
+            hidden = model(embeds, shard.positions(), attention)
         self.stats = GenerationStats(prompt_tokens=total, tiles_encoded=tiles)
-        attention = RingPrefillAttention(shard.layout, shard.valid.nonzero().squeeze(1), cache, self.group,
-                                         progress, model.config.text.num_layers)
-        hidden = model(embeds, shard.positions(), attention)
         # the rank holding the last prompt token computes its logits (one row) and sends them to all
         owner = shard.owner_of(total - 1)
         logits = torch.empty(model.config.text.vocab_size, dtype=hidden.dtype, device=device)
         if self.rank == owner:
             last, _ = shard.local_rows(torch.tensor([total - 1]))
             logits = model.logits(hidden, last)[0]
-        return broadcast_from(logits, owner, self.group)
+        return broadcast_from(logits, owner, self.groups.group)
 
     def decode(self, model, token: int, position: int) -> torch.Tensor:
         device = model.lm_head.weight.device
-        attention = ShardedDecodeAttention(self.cache, self.group, self.world, device)
+        attention = ShardedDecodeAttention(self.cache, self.groups.group, self.world, device)
         embeds = model.text.embed_tokens(torch.tensor([token], device=device))
         hidden = model(embeds, torch.tensor([position], device=device), attention)
         return model.logits(hidden, torch.zeros(1, dtype=torch.long, device=device))[0]  # merged: the same on every rank
 
     def agree(self, token: int) -> int:
         t = torch.tensor([token], device=self.cache.k[0].device)  # NCCL wants it on the GPU
-        return int(broadcast_from(t, 0, self.group)[0])  # a guard: rank 0's choice is everyone's
+        return int(broadcast_from(t, 0, self.groups.group)[0])  # a guard: rank 0's choice is everyone's
 
     def finish(self) -> None:
         self.stats.kv_tokens = list(self.cache.lengths) if self.cache is not None else []

@@ -19,7 +19,7 @@ from longvita.eval.niah.needles import TextNeedle, VisualNeedle, make_text_needl
 from longvita.eval.niah.report import check_resume, draw_heatmap, read_results, run_record, write_csv, write_results, write_run
 from longvita.eval.niah.score import score_cell
 from longvita.files import OutputError
-from longvita.parallel import rank_world
+from longvita.parallel import CPGroups, rank_world
 
 __all__ = ["NiahGrid", "default_needles", "load_needles", "run_niah"]
 
@@ -114,7 +114,8 @@ def run_niah(pipe, grid: NiahGrid, needles: Sequence, out_dir: str | os.PathLike
     from tqdm import tqdm
 
     out = Path(out_dir)
-    rank, world = rank_world(group)
+    # group: a process group, a parallel.CPGroups (a ring of Ulysses groups), or None
+    rank, world = rank_world(CPGroups.of(group).group)
     ids = [nd.id for nd in needles]
     if len(set(ids)) != len(ids):
         raise InputError(f"needle ids must be distinct (they key the results table), got {ids}")
@@ -142,7 +143,8 @@ def run_niah(pipe, grid: NiahGrid, needles: Sequence, out_dir: str | os.PathLike
     if grid.mode == "visual":
         enc = tqdm(total=hay.tiles.shape[0], desc="haystack features", unit="frame",
                    disable=not show_progress or rank != 0)
-        feats, _ = cached_frame_features(model, hay, out / "cache", group, feature_chunk, enc.update)
+        feats, _ = cached_frame_features(model, hay, out / "cache", CPGroups.of(group).group, feature_chunk,
+                                         enc.update)
         enc.close()
         n_tok = model.config.tokens_per_tile
         needle_feats = {nd.id: frame_features(model, frame_tile(nd.image, size, preprocess, raw=True)[None])[0]

@@ -2,8 +2,8 @@
 whole cell, correct when the argmax at every answer position is the answer token; the
 answer's mean log-likelihood beside it. No sampling, no KV cache.
 
-The pass is context-parallel when ``group`` has several ranks: every rank embeds only its
-zigzag shard (``parallel.CPShard``: token embeddings, media features from the cache placed
+The pass is context-parallel when ``group`` (a process group, or a ``parallel.CPGroups``
+ring of Ulysses groups) has several ranks: every rank embeds only its shard (``parallel.CPShard``: token embeddings, media features from the cache placed
 by ordinal), ring attention joins the shards, and only the rows that predict answer tokens
 are projected (``LongVITA.logits`` with an index, on the rank holding each row); the
 per-answer-token results are summed over the group.
@@ -50,6 +50,6 @@ def score_cell(model, cell: CellInputs, media_features: Callable[[torch.Tensor],
         pred[k] = logits.argmax(-1)
     if shard.world > 1:
         for t in (hits, logp, pred):
-            dist.all_reduce(t, group=group)  # each answer token is held by exactly one rank
+            dist.all_reduce(t, group=shard.group)  # each answer token is held by exactly one rank
     return {"correct": bool(hits.sum().item() == n_ans), "logprob": logp.mean().item(),
             "predicted": pred.cpu().tolist()}

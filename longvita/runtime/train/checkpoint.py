@@ -377,10 +377,12 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: meta.json is unreadable ({exc})") from None
         if meta.get("format") != _FORMAT:
             raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this longvita reads {_FORMAT}")
-        for key in ("world", "cp"):
-            if meta["run"].get(key) != self.run.get(key):
-                raise CheckpointError(f"{path}: written by {meta['run'].get('world')} ranks with cp {meta['run'].get('cp')}; "
-                                      f"resume with the same (here: {self.run.get('world')} ranks, cp {self.run.get('cp')})")
+        for key in ("world", "cp", "ulysses"):
+            if meta["run"].get(key, 1) != self.run.get(key, 1):
+                old, new = meta["run"], self.run
+                raise CheckpointError(f"{path}: written by {old.get('world')} ranks with cp {old.get('cp')}, ulysses "
+                                      f"{old.get('ulysses', 1)}; resume with the same (here: {new.get('world')} ranks, "
+                                      f"cp {new.get('cp')}, ulysses {new.get('ulysses', 1)})")
         if meta["run"].get("steps") != self.run.get("steps"):
             # the schedule is a function of the total: a different total would change it
             raise CheckpointError(f"{path}: the run was started with {meta['run'].get('steps')} steps, not "

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from longvita.common import IGNORE_INDEX
 from longvita.model import LongVITA, PackedAttention, positions_from_cu_seqlens
-from longvita.parallel import CPShard, rank_world
+from longvita.parallel import CPGroups, CPShard, rank_world
 
 __all__ = ["PackedLoss", "all_reduce_gradients", "packed_loss"]
 
@@ -56,13 +56,14 @@ class PackedLoss(nn.Module):
         cu_seqlens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         max_seqlen: int | None = None,
-        cp_group: dist.ProcessGroup | None = None,
+        cp_group: dist.ProcessGroup | CPGroups | None = None,
         dp_group: dist.ProcessGroup | None = None,
         touch_vision: bool = False,
         label_smoothing: float = 0.0,
         z_loss: float = 0.0,
     ) -> torch.Tensor:
         model = self.model
+        groups = CPGroups.of(cp_group)
         options = {"label_smoothing": label_smoothing, "z_loss": z_loss}
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must match input_ids, got {tuple(labels.shape)} and {tuple(input_ids.shape)}")
@@ -74,12 +75,12 @@ class PackedLoss(nn.Module):
         num_valid = (labels != IGNORE_INDEX).sum()
         if dp_group is not None and rank_world(dp_group)[1] > 1:
             dist.all_reduce(num_valid, group=dp_group)
-        if rank_world(cp_group)[1] == 1:
+        if rank_world(groups.group)[1] == 1:
             rows = torch.arange(total, device=input_ids.device)
             embeds = model.embed_rows(input_ids, pixel_values, rows, touch_vision=touch_vision)[0]
             hidden = model(embeds, position_ids, PackedAttention(cu_seqlens, max_seqlen))
             return model.loss(hidden, labels, num_valid=num_valid, **options)
-        shard = CPShard.build(cu_seqlens, cp_group, input_ids.device)
+        shard = CPShard.build(cu_seqlens, groups, input_ids.device)
         embeds, _ = shard.embed(model, input_ids, pixel_values, touch_vision=touch_vision)
         hidden = model(embeds, shard.positions(position_ids), shard.attention())
         return model.loss(hidden, shard.take(labels, IGNORE_INDEX), num_valid=num_valid, **options)
@@ -94,7 +95,7 @@ def packed_loss(
     cu_seqlens: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     max_seqlen: int | None = None,
-    cp_group: dist.ProcessGroup | None = None,
+    cp_group: dist.ProcessGroup | CPGroups | None = None,
     dp_group: dist.ProcessGroup | None = None,
     touch_vision: bool | None = None,
     label_smoothing: float = 0.0,
@@ -109,14 +110,15 @@ def packed_loss(
     cu_seqlens: (B+1,) int32 documents (one per sample when positions reset, ``[0, T]``
         when the pack is one document). position_ids default to restarting per document;
         max_seqlen (the longest document, an int) saves a host sync when given.
-    cp_group: the context-parallel group (None: the default group when initialised, else
-        one process). dp_group: the data-parallel group whose batches make the global mean.
+    cp_group: the context-parallel group: a ``parallel.CPGroups`` (a ring of Ulysses groups),
+        a process group (a plain ring over it), or None (the default group when initialised,
+        else one process). dp_group: the data-parallel group whose batches make the global mean.
     touch_vision: run the vision tower even on a rank with no media (the vision rule);
         default: whenever the pack has media and the CP group has several ranks.
     label_smoothing, z_loss: the loss's options (``LongVITA.loss``).
     """
     if touch_vision is None:
-        touch_vision = pixel_values is not None and rank_world(cp_group)[1] > 1
+        touch_vision = pixel_values is not None and rank_world(CPGroups.of(cp_group).group)[1] > 1
     module = model if isinstance(model, PackedLoss) else PackedLoss(model)
     return module(input_ids, labels, pixel_values, cu_seqlens=cu_seqlens, position_ids=position_ids,
                   max_seqlen=max_seqlen, cp_group=cp_group, dp_group=dp_group, touch_vision=touch_vision,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from longvita.common import LongVITAError
-from longvita.parallel import ParallelDims, rank_world
+from longvita.parallel import ParallelDims, check_ulysses_heads, rank_world
 from longvita.runtime.train.checkpoint import CheckpointManager, latest_checkpoint
 from longvita.runtime.train.loss import all_reduce_gradients, packed_loss
 from longvita.runtime.train.parallelize import parallelize, sum_gradients_loss
@@ -89,7 +89,8 @@ class Trainer:
     model: a ``LongVITA`` (the same initial weights on every rank); tokenizer: saved with
     the final model. stream: a ``PackStream`` over the whole data (the same on every rank:
     the trainer shards it per data-parallel group). cp: ranks per context-parallel group
-    (must divide the world size; None: all of them). out: the run folder (checkpoints,
+    (must divide the world size; None: all of them); ulysses: the Ulysses degree inside it
+    (must divide cp; 1: a plain ring). out: the run folder (checkpoints,
     ``final``). checkpoint_every: steps between checkpoints (0: only at the end); keep:
     complete checkpoints kept.
 
@@ -97,14 +98,15 @@ class Trainer:
     complete checkpoint under ``out`` that verifies; ``save_final()`` writes ``out/final``."""
 
     def __init__(self, model, tokenizer, recipe: StageRecipe, stream, *, steps: int, out: str | os.PathLike,
-                 cp: int | None = None, checkpoint_every: int = 0, keep: int = 2,
+                 cp: int | None = None, ulysses: int = 1, checkpoint_every: int = 0, keep: int = 2,
                  activation_checkpointing: bool = False, mixed_precision: str | None = None):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.recipe, self.stream, self.tokenizer = recipe.validate(), stream, tokenizer
         self.steps, self.out, self.checkpoint_every = steps, Path(out), checkpoint_every
         self.rank, world = rank_world()
-        self.dims = ParallelDims.of(world, cp)
+        self.dims = ParallelDims.of(world, cp, ulysses)
+        check_ulysses_heads(ulysses, model.config.text.num_heads, model.config.text.num_kv_heads)
         device = next(model.parameters()).device
         self.mesh = self.dims.build(device.type)
         if self.dims.dp > 1:  # each data-parallel group packs its own strided part of the data
@@ -125,7 +127,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.out, model=self.module, optimizer=self.optimizer, scheduler=self.scheduler,
             stream_state=stream.state_dict, load_stream_state=stream.load_state_dict, sharded=self.sharded, keep=keep,
-            run={"world": world, "cp": self.dims.cp, "steps": steps, "recipe": self.recipe.to_dict()},
+            run={"world": world, "cp": self.dims.cp, "ulysses": self.dims.ulysses, "steps": steps,
+                 "recipe": self.recipe.to_dict()},
         )
         self.step = 0
 
@@ -156,7 +159,7 @@ class Trainer:
             loss = packed_loss(
                 self.module, pack.input_ids.to(device), pack.labels.to(device), pixels,
                 cu_seqlens=pack.cu_seqlens.to(device), position_ids=pack.position_ids.to(device),
-                max_seqlen=pack.max_seqlen, cp_group=self.mesh.cp_group, dp_group=self.mesh.dp_group,
+                max_seqlen=pack.max_seqlen, cp_group=self.mesh.cp, dp_group=self.mesh.dp_group,
                 touch_vision=touch_vision, label_smoothing=self.recipe.label_smoothing, z_loss=self.recipe.z_loss,
             )
         report = loss.detach().clone().double()
