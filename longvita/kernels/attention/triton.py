@@ -277,10 +277,11 @@ def _fwd_tile(
                 q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         k_base = K + k_start.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
-        if USE_TMA:
-            k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+        if USE_TMA:  # (a document without keys visits no key block: its descriptor is never read,
+            # but a tensor map may not have an empty dimension)
+            k_src = tl.make_tensor_descriptor(k_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_kt, 1],
                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vt, 1],
+            v_src = tl.make_tensor_descriptor(v_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_vt, 1],
                                               block_shape=[BLOCK_N, BLOCK_D])
         else:
             k_src = k_base
@@ -540,9 +541,9 @@ def _bwd_dkdv_tile(
             delta_base = Delta + h * stride_lh + q_start.to(tl.int64)
             dq_base = DQ + q_start.to(tl.int64) * stride_dqt + h * stride_dqh
             if USE_TMA:
-                q_src = tl.make_tensor_descriptor(q_base, shape=[len_q, HEAD_DIM], strides=[stride_qt, 1],
+                q_src = tl.make_tensor_descriptor(q_base, shape=[tl.maximum(len_q, 1), HEAD_DIM], strides=[stride_qt, 1],
                                                   block_shape=[BLOCK_M, BLOCK_D])
-                do_src = tl.make_tensor_descriptor(do_base, shape=[len_q, HEAD_DIM], strides=[stride_dot, 1],
+                do_src = tl.make_tensor_descriptor(do_base, shape=[tl.maximum(len_q, 1), HEAD_DIM], strides=[stride_dot, 1],
                                                    block_shape=[BLOCK_M, BLOCK_D])
             else:
                 q_src = q_base
@@ -760,10 +761,11 @@ def _bwd_dq_tile(
         delta = tl.load(Delta + h64 * stride_lh + rows, mask=row_ok, other=0.0)
         k_base = K + k_start.to(tl.int64) * stride_kt + kvh.to(tl.int64) * stride_kh
         v_base = V + k_start.to(tl.int64) * stride_vt + kvh.to(tl.int64) * stride_vh
-        if USE_TMA:
-            k_src = tl.make_tensor_descriptor(k_base, shape=[len_k, HEAD_DIM], strides=[stride_kt, 1],
+        if USE_TMA:  # (a document without keys visits no key block: its descriptor is never read,
+            # but a tensor map may not have an empty dimension)
+            k_src = tl.make_tensor_descriptor(k_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_kt, 1],
                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_src = tl.make_tensor_descriptor(v_base, shape=[len_k, HEAD_DIM], strides=[stride_vt, 1],
+            v_src = tl.make_tensor_descriptor(v_base, shape=[tl.maximum(len_k, 1), HEAD_DIM], strides=[stride_vt, 1],
                                               block_shape=[BLOCK_N, BLOCK_D])
         else:
             k_src = k_base
