@@ -239,6 +239,7 @@ class Sweep:
                 f"noise {100 * c['noise']:.1f} %: {'adopted' if c['adopt'] else 'kept default'}")
             entry.pop("why", None)
         lt._check_table(table, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(table, f, indent=2)

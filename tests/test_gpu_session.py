@@ -154,3 +154,105 @@ def test_write_json_is_incremental(tmp_path, make_results):
     assert [r["case"] for r in payload["rows"]] == ["c1", "c2"]
     assert not list(path.parent.glob("*.tmp"))
     assert "| c2 | i | 2 |" in make_results.to_markdown(payload)
+
+
+# ---------------------------------------------------------------------------------------
+# The v2 device script (issue 29) and the attention sweep's decisions
+# ---------------------------------------------------------------------------------------
+
+V2 = BENCH / "gpu_session_v2.sh"
+
+
+def _plan():
+    env = dict(os.environ, OUT=tempfile.mkdtemp())
+    r = subprocess.run(["bash", str(V2), "--plan"], capture_output=True, text=True, env=env, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    steps = {}
+    for line in r.stdout.splitlines():
+        if line.startswith("step "):
+            _, name, cap, cmd = line.split(" ", 3)
+            steps[name] = (int(cap), cmd)
+        elif line.startswith("budget "):
+            budget, reserve = int(line.split()[1]), int(line.split()[3])
+    return steps, budget, reserve, env["OUT"]
+
+
+def test_v2_plan_covers_the_issue_within_eight_minutes():
+    steps, budget, reserve, out = _plan()
+    assert budget <= 480, "one call of at most 8 minutes"
+    for name in ("preflight-deps", "install", "preflight-installed", "generate", "attention", "shuffle", "prefill", "train"):
+        assert name in steps, name
+    assert all(cap >= 5 for cap, _ in steps.values())
+    assert "--layers 48" in steps["prefill"][1] and "--b-tokens 196608" in steps["prefill"][1]  # all 48 layers, 192K
+    assert "--parts db" in steps["prefill"][1]  # (d) after its warm-up fix, then (b)
+    assert "--quick" in steps["attention"][1] and "--write-table" in steps["attention"][1]
+    assert "--budget-s" in steps["attention"][1]
+    assert int(steps["attention"][1].split("--budget-s ")[1].split()[0]) < steps["attention"][0]
+    assert "--policies all" in steps["train"][1] and "--out" in steps["train"][1]
+    assert "--device cuda" in steps["generate"][1]
+    # at most 8 files come back: every path a step writes under $OUT, plus the log and summary
+    written = {w for _, cmd in steps.values() for w in cmd.replace("'", " ").split() if w.startswith(out + "/")}
+    assert len(written) + 2 <= 8, written
+
+
+def test_v2_script_parses_and_its_steps_exist():
+    r = subprocess.run(["bash", "-n", str(V2)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    steps, *_ = _plan()
+    for _, cmd in steps.values():
+        for word in cmd.split():
+            if word.startswith("benchmarks/") or word.startswith("tests/"):
+                assert (ROOT / word).exists(), word
+
+
+def _sweep(tmp_path, rows):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import tune_attention
+    finally:
+        sys.path.remove(str(BENCH))
+    import argparse
+
+    args = argparse.Namespace(shapes=["qwen", "vit"], budget_s=None, out=None, quick=True,
+                              fwd_variants=[], bwd_variants=[])
+    sweep = tune_attention.Sweep(args)
+    sweep.rows = rows
+    return tune_attention, sweep
+
+
+def _row(shape, passname, variant, kernel, config, ms, rel=0.0):
+    return {"shape": shape, "pass": passname, "variant": variant, "kernel": kernel, "config": config, "ms": ms,
+            "tflops": 1.0, "rel_diff": rel}
+
+
+def test_tune_attention_adopts_a_variant_only_past_the_noise(tmp_path):
+    from longvita.kernels.attention import launch_table as lt
+
+    rows = [
+        _row("qwen", "fwd", "default", "fwd", "M128 N128 w8 s3 (table)", 5.00),
+        _row("qwen", "fwd", "tma", "fwd", "M128 N128 w8 s3 (table)", 4.20),  # 16 % faster: adopted
+        _row("qwen", "fwd", "tma", "fwd", "M128 N64 w8 s3", 4.00),
+        _row("qwen", "fwd", "sorted", "fwd", "M128 N128 w8 s3 (table)", 3.00, rel=0.5),  # wrong: never chosen
+        _row("qwen", "fwd", "default", "fwd", "M128 N128 w8 s3 (table)", 5.10),
+        _row("qwen", "bwd", "default", "dkdv", "M64 N128 w8 s1 (table)", 20.0),
+        _row("qwen", "bwd", "fused_bwd", "bwd_fused", "M16 N128 w8 s2 (table)", 19.9),  # within noise: kept
+        _row("qwen", "bwd", "default", "dq", "M128 N64 w8 s3 (table)", 20.2),
+        {"shape": "vit", "pass": "fwd", "variant": "ws", "kernel": "fwd", "config": "M128 N64 w4 s3",
+         "error": "OutOfResources: shared memory"},
+    ]
+    tune, sweep = _sweep(tmp_path, rows)
+    choices = sweep.choose()
+    assert choices["qwen", "fwd"]["adopt"] and choices["qwen", "fwd"]["best"]["variant"] == "tma"
+    assert choices["qwen", "fwd"]["best"]["config"] == "M128 N64 w8 s3"
+    assert not choices["qwen", "bwd"]["adopt"]
+    assert ("vit", "fwd") not in choices  # nothing measured right there
+    path = tmp_path / "table.json"
+    sweep.write_table(str(path), choices)
+    table = lt.load_table(path)  # valid by the package's own checks
+    entry = next(e for e in table["choice"] if e["block_d"] == 128 and e["causal"])
+    assert (entry["fwd"], entry["bwd"]) == ("tma", "default")
+    assert "adopted" in entry["measured"]["fwd"] and "kept default" in entry["measured"]["bwd"]
+    tma_fwd = table["configs"]["tma"]["fwd"]["128"]
+    assert (tma_fwd["BLOCK_N"], tma_fwd["num_stages"]) == (64, 3) and "measured" in tma_fwd
+    assert table["configs"]["default"]["fwd"]["128"]["BLOCK_N"] == 128  # the default's own best stays
+    assert "sorted" not in table["configs"]  # a wrong result leaves no config behind
