@@ -165,23 +165,26 @@ def pixel_shuffle_vit(dtype, kernel):
         os.environ.pop("LONGVITA_SHUFFLE_LN_FWD", None)
 
 
-def decoder(dtype):
+def decoder(dtype, piece):
     """RMSNorm (+ residual), RoPE and SwiGLU at Qwen2.5-14B's widths (H 5120, 40:8 heads of
     128, I 13824), forward and backward, on a few rows."""
-    x = torch.randn(8, 5120, dtype=dtype, requires_grad=True)
-    r = torch.randn(8, 5120, dtype=dtype, requires_grad=True)
-    w = torch.randn(5120, dtype=torch.float32, requires_grad=True)
-    y, h = rms_norm(x, w, 1e-6, residual=r, backend="triton")
-    (y.sum() + h.float().sum()).backward()
-    rms_norm(x, w, 1e-6, backend="triton").sum().backward()
-    q = torch.randn(8, 40, 128, dtype=dtype, requires_grad=True)
-    k = torch.randn(8, 8, 128, dtype=dtype, requires_grad=True)
-    cos, sin = torch.randn(8, 128), torch.randn(8, 128)
-    qo, ko = apply_rope_qk(q, k, cos, sin, backend="triton")
-    (qo.float().sum() + ko.float().sum()).backward()
-    g = torch.randn(8, 13824, dtype=dtype, requires_grad=True)
-    u = torch.randn(8, 13824, dtype=dtype, requires_grad=True)
-    swiglu(g, u, backend="triton").float().sum().backward()
+    if piece.startswith("rms_norm"):
+        x = torch.randn(8, 5120, dtype=dtype, requires_grad=True)
+        w = torch.randn(5120, dtype=torch.float32, requires_grad=True)
+        if piece == "rms_norm+residual":
+            y, h = rms_norm(x, w, 1e-6, residual=torch.randn(8, 5120, dtype=dtype, requires_grad=True), backend="triton")
+            (y.sum() + h.float().sum()).backward()
+        else:
+            rms_norm(x, w, 1e-6, backend="triton").sum().backward()
+    elif piece == "rope":
+        q = torch.randn(8, 40, 128, dtype=dtype, requires_grad=True)
+        k = torch.randn(8, 8, 128, dtype=dtype, requires_grad=True)
+        qo, ko = apply_rope_qk(q, k, torch.randn(8, 128), torch.randn(8, 128), backend="triton")
+        (qo.float().sum() + ko.float().sum()).backward()
+    else:
+        g = torch.randn(8, 13824, dtype=dtype, requires_grad=True)
+        u = torch.randn(8, 13824, dtype=dtype, requires_grad=True)
+        swiglu(g, u, backend="triton").float().sum().backward()
 
 
 def merge():
@@ -203,7 +206,8 @@ for dtype in (torch.bfloat16, torch.float16):
     cases.append((f"pixel_shuffle {dt}", lambda dtype=dtype: pixel_shuffle(dtype)))
     for kernel in ("row", "rows"):
         cases.append((f"pixel_shuffle[{kernel}] {dt} vit", lambda dtype=dtype, k=kernel: pixel_shuffle_vit(dtype, k)))
-    cases.append((f"decoder {dt}", lambda dtype=dtype: decoder(dtype)))
+    for piece in ("rms_norm", "rms_norm+residual", "rope", "swiglu"):
+        cases.append((f"decoder {piece} {dt}", lambda dtype=dtype, p=piece: decoder(dtype, p)))
 cases.append(("lse_merge fp32", merge))
 # The attention variants (kernels/attention/launch_table.py), bf16, at the two model shapes'
 # head dims; 'ws' (warp specialisation) is meant for the non-causal forward.
