@@ -8,9 +8,9 @@ Shapes (bf16), the two the model runs: ``qwen``: Qwen2.5-14B's heads (40 q / 8 k
 causal, 32K tokens packed from documents of 512-8192 tokens (bench_attention's packed case);
 ``vit``: InternViT-300M's (16 / 16, D 64), bidirectional, 8 tiles of 1025 tokens.
 
-For each shape, each forward variant is timed with its launch-table config and (unless
-``--quick``) the candidates of ``CANDIDATES``; each backward variant likewise (dK/dV and dQ
-configs separately, or the fused kernel's). Every candidate's output is compared with the
+For each shape, each forward variant is timed with its launch-table configs and (unless
+``--quick``, which also sweeps fewer variants) with the candidates of ``CANDIDATES`` for each
+of its kernels in turn (dK/dV and dQ separately, or the fused kernel). Every candidate's output is compared with the
 default variant's (a candidate that computes something else is reported, never chosen).
 The default is timed first and last: the larger of that spread and 2 % is the noise, and
 a variant becomes a shape's choice only when it beats the default by more than the noise
@@ -49,6 +49,10 @@ SHAPES = {
 FWD_VARIANTS = ["default", "tma", "sorted", "persistent", "tma+sorted", "tma+persistent", "ws", "budget"]
 BWD_VARIANTS = ["default", "tma", "sorted", "fused_bwd", "tma+fused_bwd", "tma+sorted+fused_bwd", "budget",
                 "tma+budget"]
+# --quick (the device script): one row per variant at its table configs, about 3 s each with
+# its compile; 6 + 6 variants and the default twice per pass, both shapes: about 30 rows
+QUICK_FWD = ["default", "tma", "sorted", "tma+sorted", "ws", "budget"]
+QUICK_BWD = ["default", "tma", "sorted", "fused_bwd", "tma+fused_bwd", "tma+budget"]
 
 # Extra (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, beside each
 # variant's table config; shared-memory overflows and compile failures are reported rows.
@@ -72,14 +76,17 @@ def flops(lens, hq, d, causal, backward):
     return f * 2.5 if backward else f
 
 
+DEVICE, DTYPE = "cuda", torch.bfloat16  # tests/test_gpu_session.py runs the sweep in the interpreter
+
+
 def make_inputs(lens, hq, hkv, d):
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
     total = sum(lens)
-    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q = torch.randn(total, hq, d, device=DEVICE, dtype=DTYPE, generator=gen)
+    k = torch.randn(total, hkv, d, device=DEVICE, dtype=DTYPE, generator=gen)
+    v = torch.randn(total, hkv, d, device=DEVICE, dtype=DTYPE, generator=gen)
     dout = torch.randn_like(q)
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     return q, k, v, dout, cu, max(lens)
 
 
@@ -97,6 +104,14 @@ def _with_config(base: dict, variant: str, kernel: str, block_d: int, cfg: dict 
     if cfg is not None:
         table["configs"].setdefault(lt.parse_variant(variant).name, {}).setdefault(kernel, {})[str(block_d)] = dict(cfg)
     return table
+
+
+def _kernels(passname: str, variant: str) -> list[str]:
+    """The kernels (launch-table names) one pass of a variant launches."""
+    var = lt.parse_variant(variant)
+    if passname == "fwd":
+        return ["fwd"]
+    return ["bwd_fused"] if var.fused_bwd else ["dkdv", "dq"]
 
 
 class Sweep:
@@ -118,18 +133,21 @@ class Sweep:
                 f.writelines(json.dumps(r) + "\n" for r in self.rows)
             os.replace(tmp, self.args.out)
 
-    def time_one(self, shape, passname, variant, kernel, cfg, fn, want) -> dict:
+    def time_one(self, shape, passname, variant, fn, want, kernel=None, cfg=None) -> dict:
+        """One candidate: the variant with its table configs, or with ``cfg`` for ``kernel``.
+        The row names every kernel's config ('configs'), so the table can be written from it."""
         import triton.testing
+
+        from longvita.kernels.attention import triton as vat
 
         lens, hq, _, d, causal = SHAPES[shape]
         block_d = max(16, 1 << (d - 1).bit_length())
-        row = {"shape": shape, "pass": passname, "variant": variant, "kernel": kernel,
-               "config": _name(cfg) if cfg else "table"}
-        if cfg is None:  # the variant's own config: the table's, else the launcher's reasoned one
-            from longvita.kernels.attention import triton as vat
-
-            row["config"] = _name(vat._fixed_config(kernel, block_d, True, False, lt.parse_variant(variant))) + " (table)"
-        lt.set_table(_with_config(self.base, variant, kernel, block_d, cfg))
+        table = _with_config(self.base, variant, kernel, block_d, cfg)
+        lt.set_table(table)
+        var = lt.parse_variant(variant)
+        configs = {k: vat._fixed_config(k, block_d, True, False, var) for k in _kernels(passname, variant)}
+        row = {"shape": shape, "pass": passname, "variant": variant, "kernel": kernel or "table",
+               "config": " | ".join(f"{k} {_name(c)}" for k, c in configs.items()), "configs": configs}
         try:
             got = [t.float() for t in fn()]
             err = max(((a - b).norm() / b.norm().clamp(min=1e-30)).item() for a, b in zip(got, want))
@@ -163,23 +181,19 @@ class Sweep:
         want_bwd = [g.float() for g in bwd("default")()]
         for passname, variants, make, want in (("fwd", self.args.fwd_variants, fwd, want_fwd),
                                                ("bwd", self.args.bwd_variants, bwd, want_bwd)):
+            # the default first and last: its spread is the run's noise
             for variant in ["default"] + [v_ for v_ in variants if v_ != "default"] + ["default"]:
-                if variant.split("+") == ["ws"] and causal and passname == "fwd" and self.args.quick:
-                    continue  # quick: warp specialisation is meant for the non-causal forward
-                var = lt.parse_variant(variant)
-                if passname == "fwd":
-                    kernels = ["ws" if var.warp_specialize else "fwd"]
-                else:
-                    kernels = ["bwd_fused"] if var.fused_bwd else ["dkdv", "dq"]
-                for kernel in kernels:
-                    table_kernel = "fwd" if kernel == "ws" else kernel
-                    cands = [None]
-                    if not self.args.quick and variant != "default":
-                        cands += [_cfg(t) for t in CANDIDATES.get((kernel, block_d), [])]
-                    for cfg in cands:
+                if self.out_of_time():
+                    return
+                self.time_one(shape, passname, variant, make(variant), want)
+                if self.args.quick or variant == "default":
+                    continue
+                ws = lt.parse_variant(variant).warp_specialize and passname == "fwd"
+                for kernel in _kernels(passname, variant):
+                    for cand in CANDIDATES.get(("ws" if ws else kernel, block_d), []):
                         if self.out_of_time():
                             return
-                        self.time_one(shape, passname, variant, table_kernel, cfg, make(variant), want)
+                        self.time_one(shape, passname, variant, make(variant), want, kernel, _cfg(cand))
 
     def choose(self) -> dict:
         """Per (shape, pass): the default's spread, the fastest variant, and whether it wins."""
@@ -188,15 +202,13 @@ class Sweep:
             for passname in ("fwd", "bwd"):
                 ok = [r for r in self.rows if r["shape"] == shape and r["pass"] == passname and "ms" in r
                       and r["rel_diff"] < 1e-2]
-                base = [r["ms"] for r in ok if r["variant"] == "default" and r["config"].endswith("(table)")]
+                base = [r["ms"] for r in ok if r["variant"] == "default" and r["kernel"] == "table"]
                 if not ok or not base:
                     continue
                 noise = max(NOISE_FLOOR, (max(base) - min(base)) / min(base))
-                # a variant's time: its backward is the sum of its kernels' best configs
                 best_by_variant = {}
                 for variant in {r["variant"] for r in ok}:
-                    mine = [r for r in ok if r["variant"] == variant]
-                    best_by_variant[variant] = min(mine, key=lambda r: r["ms"])
+                    best_by_variant[variant] = min((r for r in ok if r["variant"] == variant), key=lambda r: r["ms"])
                 winner = min(best_by_variant.values(), key=lambda r: r["ms"])
                 wins = winner["variant"] != "default" and winner["ms"] < min(base) * (1 - noise)
                 out[shape, passname] = dict(default_ms=min(base), noise=noise, best=winner, adopt=wins,
@@ -204,36 +216,25 @@ class Sweep:
         return out
 
     def write_table(self, path: str, choices: dict) -> None:
+        """The current table with each measured variant's fastest configs and the choices."""
         table = copy.deepcopy(self.base)
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         env = f"{device} {datetime.date.today().isoformat()}"
         table["measured"] = {"device": device, "date": datetime.date.today().isoformat(),
                              "dtype": "bfloat16", "by": "benchmarks/tune_attention.py"}
-        # fastest config per (variant, kernel, head dim), measured
-        for r in self.rows:
-            if "ms" not in r or r["rel_diff"] >= 1e-2:
-                continue
-            lens, hq, hkv, d, causal = SHAPES[r["shape"]]
-            block_d = str(max(16, 1 << (d - 1).bit_length()))
-            same = [x for x in self.rows if "ms" in x and x["rel_diff"] < 1e-2 and x["shape"] == r["shape"]
-                    and x["variant"] == r["variant"] and x["kernel"] == r["kernel"] and x["pass"] == r["pass"]]
-            if r is not min(same, key=lambda x: x["ms"]):
-                continue
-            cfg_txt = r["config"].replace(" (table)", "")
-            m, n, w, s = (int(p[1:]) for p in cfg_txt.split())
-            name = lt.parse_variant(r["variant"]).name
-            table["configs"].setdefault(name, {}).setdefault(r["kernel"], {})[block_d] = dict(
-                BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s,
-                measured=f"{env}: {r['ms']:.3f} ms ({r['pass']}), {r['shape']}")
         for (shape, passname), c in choices.items():
             lens, hq, hkv, d, causal = SHAPES[shape]
             block_d = max(16, 1 << (d - 1).bit_length())
+            for variant, r in c["best_by_variant"].items():
+                name = lt.parse_variant(variant).name
+                for kernel, cfg in r["configs"].items():
+                    table["configs"].setdefault(name, {}).setdefault(kernel, {})[str(block_d)] = dict(
+                        cfg, measured=f"{env}: {r['ms']:.3f} ms ({passname}), {shape}")
             entry = next((e for e in table["choice"] if e["block_d"] == block_d and bool(e["causal"]) == causal), None)
             if entry is None:
                 entry = {"block_d": block_d, "causal": causal, "fwd": "default", "bwd": "default"}
                 table["choice"].append(entry)
-            chosen = lt.parse_variant(c["best"]["variant"]).name if c["adopt"] else "default"
-            entry[passname] = chosen
+            entry[passname] = lt.parse_variant(c["best"]["variant"]).name if c["adopt"] else "default"
             entry.setdefault("measured", {})[passname] = (
                 f"{env}, {shape}: default {c['default_ms']:.3f} ms, {c['best']['variant']} {c['best']['ms']:.3f} ms, "
                 f"noise {100 * c['noise']:.1f} %: {'adopted' if c['adopt'] else 'kept default'}")
@@ -251,16 +252,20 @@ class Sweep:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="qwen,vit")
-    parser.add_argument("--fwd-variants", default=",".join(FWD_VARIANTS))
-    parser.add_argument("--bwd-variants", default=",".join(BWD_VARIANTS))
+    parser.add_argument("--fwd-variants", default=None, help=f"default {','.join(FWD_VARIANTS)} (--quick: fewer)")
+    parser.add_argument("--bwd-variants", default=None, help=f"default {','.join(BWD_VARIANTS)} (--quick: fewer)")
     parser.add_argument("--quick", action="store_true", help="each variant with its table config only")
     parser.add_argument("--out", default=None, help="JSON lines of every candidate, rewritten after each")
     parser.add_argument("--write-table", default=None, help="write the updated launch table here")
     parser.add_argument("--budget-s", type=float, default=None, help="start no candidate after this many seconds")
     args = parser.parse_args(argv)
     args.shapes = args.shapes.split(",")
-    args.fwd_variants = [v for v in args.fwd_variants.split(",") if v]
-    args.bwd_variants = [v for v in args.bwd_variants.split(",") if v]
+    args.fwd_variants = (args.fwd_variants.split(",") if args.fwd_variants is not None
+                         else QUICK_FWD if args.quick else FWD_VARIANTS)
+    args.bwd_variants = (args.bwd_variants.split(",") if args.bwd_variants is not None
+                         else QUICK_BWD if args.quick else BWD_VARIANTS)
+    args.fwd_variants = [v for v in args.fwd_variants if v]
+    args.bwd_variants = [v for v in args.bwd_variants if v]
     for v in args.fwd_variants + args.bwd_variants:
         lt.parse_variant(v, "--fwd-variants/--bwd-variants")
     unknown = [s for s in args.shapes if s not in SHAPES]
@@ -277,7 +282,7 @@ def main(argv=None) -> int:
     print("\nper shape and pass: the default (first and last run), the fastest variant, the decision")
     for (shape, passname), c in choices.items():
         b = c["best"]
-        print(f"  {shape:5s} {passname:4s} default {c['default_ms']:.3f} ms | best {b['variant']:22s} {b['config']:24s} "
+        print(f"  {shape:5s} {passname:4s} default {c['default_ms']:.3f} ms | best {b['variant']:22s} {b['config']:48s} "
               f"{b['ms']:.3f} ms {b['tflops']:.0f} TFLOP/s | noise {100 * c['noise']:.1f} % | "
               f"{'ADOPT' if c['adopt'] else 'keep default'}")
     if args.write_table:

@@ -838,14 +838,6 @@ def _autotune_enabled() -> bool:
     return os.environ.get("LONGVITA_AUTOTUNE", "0") == "1" and not triton_interpret()
 
 
-def __getattr__(name):
-    # The default variant's configs measured on an H100 (``launch_table.json``); read by
-    # tests/test_compile_report.py, which lets exactly these spill within a bound.
-    if name == "_MEASURED_16BIT":
-        return launch_table.measured_configs()
-    raise AttributeError(name)
-
-
 def _fixed_config(kind: str, block_d: int, even_d: bool, fp32: bool = False,
                   variant: AttentionVariant = launch_table.DEFAULT) -> dict:
     """Fixed launch parameters: tiny in the interpreter; on a GPU the launch table's config
