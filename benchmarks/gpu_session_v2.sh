@@ -15,8 +15,8 @@
 #   2. generate: `longvita generate` twice in one process on the GPU: cold and warm prefill
 #      seconds, and whether a kernel's eager path imports torch._dynamo (fixed, not re-run)
 #   3. attention: tune_attention.py --quick on both model shapes (packed 32K 40:8 D128
-#      causal; InternViT 8 x 1025 16:16 D64 bidirectional), every variant with its table
-#      config, the default timed first and last; writes the winners' launch table
+#      causal; InternViT 8 x 1025 16:16 D64 bidirectional), each variant with its table
+#      configs, the default timed first and last; writes the winners' launch table
 #   4. shuffle: bench_pixel_shuffle.py --quick --ln-only at 64 and 256 tiles (copy, the
 #      two Triton forward kernels, eager, torch.compile in the same run)
 #   5. prefill: bench_prefill.py --parts db --layers 48: (d) the CP model after its
@@ -103,8 +103,10 @@ if ((!on_gpu)); then
 fi
 step generate $((45 * x)) bash -c "set -o pipefail; python benchmarks/gpu_preflight.py generate --device $device --dtype $dtype | tee '$dest/generate.jsonl'"
 
-# 3. the attention sweep (new: about 40 candidates of 2-4 s, compiles included; the
-# script stops starting candidates 15 s before its cap)
+# 3. the attention sweep (new: with --quick about 30 rows, one per variant and pass at its
+# table configs, 2-4 s each with the compile; the script starts no row after 95 s). The
+# baselines of bench_attention (cuDNN, FlexAttention, FA2) are not re-run: no time; the
+# default variant timed in the same run is the baseline the variants must beat.
 step attention $((110 * x)) python benchmarks/tune_attention.py --quick --budget-s 95 \
   --out "$dest/tune_attention.jsonl" --write-table "$dest/table/launch_table.json"
 
