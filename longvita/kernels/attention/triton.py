@@ -31,9 +31,9 @@ Variants (``launch_table.py`` names them and says how one is chosen:
 the kernels measured on an H100): ``tma`` loads K/V and Q (and stores O) through
 device-side tensor descriptors made per document (``USE_TMA``); ``sorted`` and
 ``persistent`` run the tiles in the order of a work list sorted by cost instead of the
-grid (``SCHEDULE`` 1 / 2, ``_work_list``); ``ws`` warp-specialises the forward's unmasked
-loop (``WARP_SPEC``); ``fused_bwd`` runs ``_bwd_fused_kernel``; ``budget`` takes the
-spill-free configs. In Triton's interpreter every variant runs (the interpreter executes
+grid (``SCHEDULE`` 1 / 2, ``_work_list``); ``ws`` runs the forward's key blocks as one
+masked, warp-specialised loop of TMA loads (``WARP_SPEC``, see ``_fwd_phases``);
+``fused_bwd`` runs ``_bwd_fused_kernel``; ``budget`` takes the spill-free configs. In Triton's interpreter every variant runs (the interpreter executes
 descriptors and ignores warp specialisation), so the tests check each one exactly.
 
 Schedules. ``grid`` (SCHEDULE 0): grid (blocks of the longest document, batch, heads),
