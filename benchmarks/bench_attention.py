@@ -9,7 +9,9 @@ Cases (bf16):
   512-8192 tokens.
 - InternViT tiles (16 heads, head_dim 64), bidirectional: packed 1025-token tiles.
 
-Implementations: longvita (Triton), torch SDPA with the cuDNN and the flash backends
+Implementations: longvita (Triton; with ``--variants tma,sorted,...`` also one row per
+kernel variant, ``longvita triton [variant]``, see ``kernels/attention/launch_table.py``;
+``benchmarks/tune_attention.py`` is the sweep that chooses), torch SDPA with the cuDNN and the flash backends
 (dense or equal-length tiles only: SDPA has no varlen input), FlexAttention with a
 document mask, ``torch.nn.attention.varlen.varlen_attn`` when the installed torch has
 it, and flash-attn's ``flash_attn_varlen_func`` when installed. A baseline that cannot
@@ -108,6 +110,26 @@ def _setup_longvita(case, mode):
 
     q, k, v, cu, mx = _inputs(case, mode != "fwd")
     return with_backward(lambda: varlen_attention(q, k, v, cu, cu, mx, mx, causal=case.causal, backend="triton"), mode, (q, k, v))
+
+
+def _setup_longvita_variant(case, mode, variant: str):
+    """longvita with one kernel variant: LONGVITA_ATTENTION_VARIANT set around every call."""
+    from longvita.kernels.attention.launch_table import ENV, parse_variant
+
+    parse_variant(variant, "--variants")
+    run = _setup_longvita(case, mode)
+
+    def fn():
+        saved = os.environ.get(ENV)
+        os.environ[ENV] = variant
+        try:
+            run()
+        finally:
+            if saved is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = saved
+    return fn
 
 
 def _setup_flash_attn(case, mode):
@@ -227,7 +249,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller cases and iterations")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention.json)")
+    parser.add_argument("--variants", default="", help="kernel variants to time beside the default, comma-separated")
     args = parser.parse_args(argv)
+    from longvita.kernels.attention.launch_table import parse_variant
+
+    for variant in filter(None, args.variants.split(",")):
+        parse_variant(variant, "--variants")  # a typo fails before any GPU time is spent
+        IMPLS[f"longvita triton [{variant}]"] = lambda c, m, v=variant: _setup_longvita_variant(c, m, v)
     if not torch.cuda.is_available():
         print("bench_attention: no CUDA device; this benchmark measures GPU kernels only. Nothing to do.", file=sys.stderr)
         return 0

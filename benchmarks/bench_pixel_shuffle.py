@@ -11,9 +11,13 @@ Linear 4096 -> 1024; GELU; Linear 1024 -> 5120 (Long-VITA's projector, no biases
 Two tables:
 - ``shuffle+layernorm`` (forward): GB/s counting bytes read (x, weight, bias) and
   written (the normalised rows), for the CUDA kernel (when ``longvita._C`` has CUDA),
-  the Triton kernel, eager PyTorch (reference shuffle + F.layer_norm) and
-  torch.compile of it; ``copy`` is a plain ``dst.copy_(src)`` moving the same number
-  of bytes (read + written), the bandwidth to compare against.
+  the Triton kernel through the public function (``triton``: the default forward kernel)
+  and both Triton forward kernels through their launcher (``triton row``: one program
+  per output row, the default; ``triton rows``: whole rows per program at 16-byte width,
+  one-pass statistics; ``pixel_shuffle/triton.py``), eager PyTorch (reference shuffle +
+  F.layer_norm) and torch.compile of it; ``copy`` is a plain ``dst.copy_(src)`` moving
+  the same number of bytes (read + written), the bandwidth to compare against.
+  ``--ln-only`` skips the projector table (the device script's time is short).
 - ``projector`` forward and forward+backward, ms: longvita (auto backend: fused
   LayerNorm + cuBLAS GEMMs) vs eager ``pixel_shuffle_project_reference`` and
   torch.compile of it. A case that runs out of memory shows "-".
@@ -105,6 +109,13 @@ def _setup_ln(case: Case, impl: str):
         return lambda: dst.copy_(x)
     if impl in ("cuda", "triton"):
         return lambda: pixel_shuffle_layernorm(x, w, None, eps=1e-5, backend=impl)
+    if impl in ("triton row", "triton rows"):
+        from longvita.kernels.pixel_shuffle.api import PixelShuffleParams
+        from longvita.kernels.pixel_shuffle.triton import triton_ln_fwd
+
+        p = PixelShuffleParams(inv=2, eps=1e-5, backend="triton")
+        kernel = impl.split()[1]
+        return lambda: triton_ln_fwd(x, w, None, p, kernel=kernel)
     if impl == "eager":
         return lambda: _ln_reference(x, w)
     if impl == "compile":
@@ -131,7 +142,7 @@ def _setup_projector(case: Case, impl: str, mode: str):
     return with_backward(fwd, mode, leaves)
 
 
-LN_IMPLS = ["copy", "cuda", "triton", "eager", "compile"]
+LN_IMPLS = ["copy", "cuda", "triton", "triton row", "triton rows", "eager", "compile"]
 PROJ_IMPLS = ["longvita", "eager", "compile"]
 _SKIPPABLE = (RuntimeError, NotImplementedError, ValueError, TypeError)  # unsupported / OOM
 
@@ -169,6 +180,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=1024, help="projector middle width (Long-VITA 1024; InternVL 5120)")
     parser.add_argument("--out-width", type=int, default=5120, help="projector output width (the LLM hidden size)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pixel_shuffle.json)")
+    parser.add_argument("--ln-only", action="store_true", help="the shuffle+LayerNorm table only (no projector)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_pixel_shuffle: no CUDA device; this benchmark measures GPU kernels only. Nothing to do.", file=sys.stderr)
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
                 rows.append(Row(f"shuffle+layernorm {case.name}", impl, metrics))
                 write_json(NAME, TITLE, rows, METRICS, args.out, quiet=True)
         torch.cuda.empty_cache()
-        for mode in MODES:
+        for mode in ([] if args.ln_only else MODES):
             for impl in PROJ_IMPLS:
                 metrics = measure_projector(case, impl, mode, args.quick)
                 if metrics:

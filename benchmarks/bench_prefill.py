@@ -3,6 +3,7 @@
     python benchmarks/bench_prefill.py [--quick] [--layers N] [--parts abcd] [--out FILE]   # one GPU
     python benchmarks/bench_prefill.py --parts ad --layers 8 --out a_d.json   # Table 4 + CP model, 8 layers
     python benchmarks/bench_prefill.py --parts bc --out b_c.json              # full 48 layers: (b), (c)
+    python benchmarks/bench_prefill.py --parts b --b-tokens 196608            # (b): does 192K fit? one try
     torchrun --nproc-per-node P benchmarks/bench_prefill.py [--layers N] [--cp-lengths 131072,...]
                                                        # P GPUs: (d) measured beside its prediction
     python benchmarks/bench_prefill.py --cpu-smoke --out X.json   # no GPU (also the default there): seconds
@@ -117,6 +118,7 @@ class Settings:
     prefill_chunk: int
     budget_bytes: float | None  # CPU: simulated memory; GPU: None (real OOM)
     iters: int
+    b_tokens: int | None = None  # (b): one try at this length instead of the search
 
     @property
     def cpu(self) -> bool:
@@ -132,6 +134,7 @@ def settings_from_args(args) -> Settings:
             lengths=[128, 512], decode_lengths=[128, 512], cp_lengths=[512],
             search_start=64, search_limit=65536, resolution=32, resolution_b=256,
             head_chunk=128, prefill_chunk=128, budget_bytes=args.cpu_budget_mib * 2**20, iters=1,
+            b_tokens=getattr(args, "b_tokens", None),
         )
     layers = args.layers or (4 if args.quick else 48)
     return Settings(
@@ -145,7 +148,7 @@ def settings_from_args(args) -> Settings:
         resolution=args.resolution * (4 if args.quick else 1),
         resolution_b=args.resolution * (4 if args.quick else 1),
         head_chunk=args.head_chunk, prefill_chunk=args.prefill_chunk, budget_bytes=None,
-        iters=1 if args.quick else 3,
+        iters=1 if args.quick else 3, b_tokens=getattr(args, "b_tokens", None),
     )
 
 
@@ -412,9 +415,13 @@ def part_b(model, s: Settings, rows: list[Row]) -> None:
     # every try near the limit prefills the whole prompt (minutes for the full model on a
     # GPU): start from half the prediction, so the doubling reaches the limit in two tries
     res = s.resolution_b
-    start = s.search_start if s.cpu else max(res, pred // 2 // res * res)
-    largest = search_largest(fits, start, s.search_limit, res)
     case = f"(b) chunked prefill ({fmt_tokens(s.prefill_chunk)}) + {DECODE_TOKENS} decoded"
+    if s.b_tokens:  # one try at that length (a 48-layer try near 200K tokens takes about a minute)
+        largest = s.b_tokens if fits(s.b_tokens) else 0
+        case += f", one try at {fmt_tokens(s.b_tokens)}"
+    else:
+        start = s.search_start if s.cpu else max(res, pred // 2 // res * res)
+        largest = search_largest(fits, start, s.search_limit, res)
     metrics = {"tokens": largest, "max_tokens": largest, "pred_max_tokens": pred,
                "pred_gib": (weight_bytes(model) + peak(largest)) / GIB}
     if largest in results:  # the longest prompt's own run: prefill time, decode speed, peak memory
@@ -548,13 +555,14 @@ def run_single(args) -> int:
     warm_up(model, s)
     rows: list[Row] = []
     parts = {"a": part_a, "b": part_b, "c": part_c}
+    name = NAME if sorted(args.parts) == list("abcd") else f"{NAME}_{args.parts}"
     for key in args.parts:
         if key == "d":
             part_d(model, s, rows, args.link_gbps)
         else:
             parts[key](model, s, rows)
+        write_json(name, title(s), rows, METRICS, args.out, quiet=True)  # a run cut off keeps the parts done
     print_table(title(s), rows, METRICS)
-    name = NAME if sorted(args.parts) == list("abcd") else f"{NAME}_{args.parts}"
     write_json(name, title(s), rows, METRICS, args.out)
     return 0
 
@@ -603,6 +611,8 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'ac' (default abcd)")
     parser.add_argument("--head-chunk", type=int, default=8192, help="(a) rows per chunk of the chunked head")
     parser.add_argument("--prefill-chunk", type=int, default=8192, help="(b, c) tokens per prefill chunk")
+    parser.add_argument("--b-tokens", type=int, default=None,
+                        help="(b): one try at this prompt length instead of the search (max_tokens is it, or 0)")
     parser.add_argument("--search-start", type=int, default=16384, help="first prompt length of a search")
     parser.add_argument("--search-limit", type=int, default=1 << 21, help="longest prompt a search tries")
     parser.add_argument("--resolution", type=int, default=4096, help="a search stops when within this many tokens")

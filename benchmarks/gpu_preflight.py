@@ -2,6 +2,7 @@
 
     python benchmarks/gpu_preflight.py deps [--strict]   # before installing longvita
     python benchmarks/gpu_preflight.py installed         # after installing it
+    python benchmarks/gpu_preflight.py generate [--device cuda]   # prefill time, no torch._dynamo
 
 ``deps``: every third-party module the session imports (the package's own dependencies,
 pytest and its plugins, transformers for the checkpoint tests) and the build tools
@@ -17,6 +18,12 @@ PyAV is installed too), every ``longvita`` module and every benchmark script imp
 the native extension is built (with its CUDA kernels when torch is a CUDA build and
 nvcc exists).
 
+``generate``: ``longvita generate`` twice in this process (the embedded default model, 8 new
+tokens; the first call compiles the Triton kernels, the second finds them loaded), one
+JSON line with both calls' load / prefill / decode seconds, and a failure if the eager
+path imported ``torch._dynamo`` (4.75 s of an 82-token prefill on an H100 on 2026-11-25,
+before the custom ops were kept for torch.compile only).
+
 Every problem is listed, then the exit status is 1 if there was any. Standard library
 only before the imports it checks, so it runs on a bare interpreter.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.abc
 import importlib.metadata
 import importlib.util
 import os
@@ -267,12 +275,62 @@ def check_installed(bench_dir: str, require: list[str]) -> int:
                   "(setup.py links the libstdc++ that torch loaded; see its _torch_libstdcxx)")
     if native() is None:
         rep.error(f"native extension longvita._C: {native_status()}")
-    elif torch.version.cuda and shutil.which("nvcc") and not native_has_cuda():
+    elif (torch.version.cuda and shutil.which("nvcc") and not native_has_cuda()
+          and os.environ.get("LONGVITA_SKIP_CUDA") != "1"):  # skipped on purpose: fine
         rep.error(f"native extension built without its CUDA kernels although torch has CUDA {torch.version.cuda} "
                   f"and nvcc exists: {native_status()}")
     else:
         rep.ok(f"native extension {native_status()}")
     return rep.finish("installed package")
+
+
+class _ImportWitness(importlib.abc.MetaPathFinder):
+    """Records the longvita frames of the stack that first imports ``name``."""
+
+    def __init__(self, name: str):
+        self.name, self.frames = name, None
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname == self.name and self.frames is None:
+            self.frames = [f"{os.path.relpath(f.filename, ROOT)}:{f.lineno} {f.name}"
+                           for f in traceback.extract_stack() if os.sep + "longvita" + os.sep in f.filename]
+        return None  # the normal finders import it
+
+
+def check_generate(device: str, dtype: str) -> int:
+    import contextlib
+    import io
+    import json
+
+    witness = _ImportWitness("torch._dynamo")
+    sys.meta_path.insert(0, witness)
+    from longvita import cli
+
+    runs = []
+    for _ in range(2):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            rc = cli.main(["generate", "--device", device, "--dtype", dtype, "--max-new-tokens", "8", "--json"])
+        if rc:
+            print(buf.getvalue(), file=sys.stderr)
+            print(f"generate on {device}: exit status {rc}", file=sys.stderr)
+            return 1
+        out = json.loads(buf.getvalue().strip().splitlines()[-1])
+        runs.append({k: out[k] for k in ("load_s", "inputs_s", "prefill_s", "decode_s") if k in out})
+    sys.meta_path.remove(witness)
+    frames = witness.frames or []
+    # the kernels' eager path must not import it (the custom ops are for torch.compile only);
+    # an import from model construction (nn.init under torch.device('meta') goes through
+    # torch._refs, whose decorator imports torch._dynamo) is reported, not failed: it is the
+    # model's loading, not the prefill
+    from_kernels = any("longvita/kernels/" in f.replace(os.sep, "/") for f in frames)
+    print(json.dumps({"generate": device, "dtype": dtype, "cold": runs[0], "warm": runs[1],
+                      "dynamo_imported": witness.frames is not None, "dynamo_imported_by": frames[-3:]}))
+    if from_kernels:
+        print("a kernel's eager path imported torch._dynamo (seconds of every first call): " + " <- ".join(frames[::-1]),
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None) -> int:
@@ -284,7 +342,12 @@ def main(argv=None) -> int:
     i = sub.add_parser("installed", help="after installing: every module and benchmark script imports without PyAV")
     i.add_argument("--bench-dir", default=HERE, help="folder of benchmark scripts to import (default: this one)")
     i.add_argument("--require", action="append", default=[], metavar="MODULE", help="another module that must import")
+    g = sub.add_parser("generate", help="longvita generate twice: prefill seconds, and no torch._dynamo import")
+    g.add_argument("--device", default="cuda")
+    g.add_argument("--dtype", default="bfloat16")
     args = p.parse_args(argv)
+    if args.what == "generate":
+        return check_generate(args.device, args.dtype)
     if args.what == "deps":
         return check_deps(args.strict, args.pyproject)
     return check_installed(args.bench_dir, args.require)

@@ -16,9 +16,12 @@ import torch
 import longvita.kernels._backend as backend_mod
 from longvita._ext import native
 from longvita.kernels import (
+    apply_rope_qk,
     linear_cross_entropy,
     lse_merge_,
     pixel_shuffle_layernorm,
+    rms_norm,
+    swiglu,
     varlen_attention,
 )
 from longvita.kernels import reference as ref
@@ -58,7 +61,24 @@ def _lse_merge(dtype, backend=None):
     return lse_merge_(out, lse, torch.randn(7, 2, 8).to(dtype), torch.randn(2, 7, dtype=acc), backend=backend)
 
 
-CALLS = {"varlen_attention": _attention, "lm_head": _lm_head, "pixel_shuffle": _pixel_shuffle, "lse_merge": _lse_merge}
+def _rms_norm(dtype, backend=None):
+    x = torch.randn(5, 24, dtype=torch.float64).to(dtype)
+    return rms_norm(x, torch.ones(24, dtype=dtype), 1e-6, backend=backend)
+
+
+def _rope(dtype, backend=None):
+    q, k = torch.randn(6, 2, 8, dtype=torch.float64).to(dtype), torch.randn(6, 1, 8, dtype=torch.float64).to(dtype)
+    cos, sin = torch.randn(6, 8, dtype=torch.float64).to(dtype), torch.randn(6, 8, dtype=torch.float64).to(dtype)
+    return apply_rope_qk(q, k, cos, sin, backend=backend)
+
+
+def _swiglu(dtype, backend=None):
+    g, u = (torch.randn(4, 20, dtype=torch.float64).to(dtype) for _ in range(2))
+    return swiglu(g, u, backend=backend)
+
+
+CALLS = {"varlen_attention": _attention, "lm_head": _lm_head, "pixel_shuffle": _pixel_shuffle, "lse_merge": _lse_merge,
+         "rms_norm": _rms_norm, "rope": _rope, "swiglu": _swiglu}
 
 
 @pytest.fixture
@@ -66,9 +86,10 @@ def ran(monkeypatch):
     """Spies on every implementation a family can run on CPU; yields the (family, backend)
     pairs that ran, in order."""
     # where each family's torch path is called from (the LM head's chunk loop is its own module)
-    lh, lm, ps, va = (
-        importlib.import_module(f"longvita.kernels.{m}") for m in ("lm_head.chunks", "lse_merge.api", "pixel_shuffle.api",
-                                                                    "attention.api")
+    lh, lm, ps, va, rn, rp, sg = (
+        importlib.import_module(f"longvita.kernels.{m}")
+        for m in ("lm_head.chunks", "lse_merge.api", "pixel_shuffle.api", "attention.api", "rms_norm.api", "rope.api",
+                  "swiglu.api")
     )
     calls = []
 
@@ -87,6 +108,9 @@ def ran(monkeypatch):
     spy(lh, "torch_rows", ("lm_head", "torch"))
     spy(ps, "torch_shuffle_layernorm", ("pixel_shuffle", "torch"))
     spy(lm, "lse_merge_torch_", ("lse_merge", "torch"))
+    spy(rn, "rms_norm_torch", ("rms_norm", "torch"))
+    spy(rp, "apply_rope_qk_torch", ("rope", "torch"))
+    spy(sg, "swiglu_torch", ("swiglu", "torch"))
     ext = native()
     if ext is not None:
 
@@ -108,6 +132,9 @@ def ran(monkeypatch):
         spy(lht, "triton_rows", ("lm_head", "triton"))
         spy(pst, "triton_ln_fwd", ("pixel_shuffle", "triton"))
         spy(lmt, "triton_lse_merge_", ("lse_merge", "triton"))
+        spy(rn, "rms_norm_fwd", ("rms_norm", "triton"))
+        spy(rp, "rope_qk", ("rope", "triton"))
+        spy(sg, "swiglu_fwd", ("swiglu", "triton"))
     monkeypatch.delenv("LONGVITA_BACKEND", raising=False)
     monkeypatch.setattr(backend_mod, "_warned_bf16_interpret", True)  # warnings: tested below
     return calls
@@ -221,6 +248,10 @@ def test_first_eager_calls_do_not_import_dynamo(interpret):
         "h = torch.randn(6, 8, requires_grad=True)\n"
         "gather_logits(h, torch.randn(11, 8), torch.tensor([1, 5]))\n"
         "linear_cross_entropy(h, torch.randn(11, 8), torch.randint(0, 11, (6,))).backward()\n"
+        "from longvita.kernels import apply_rope_qk, rms_norm, swiglu\n"
+        "y, s = rms_norm(h, torch.ones(8), 1e-6, residual=h)\n"
+        "qr, kr = apply_rope_qk(q, q[:, :1], torch.randn(7, 16), torch.randn(7, 16))\n"
+        "(y.sum() + s.sum() + swiglu(h, h).sum() + qr.sum() + kr.sum()).backward()\n"
         "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LONGVITA_BACKEND")}

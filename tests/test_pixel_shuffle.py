@@ -95,6 +95,38 @@ def test_triton_matches_reference(shape, bias, dtype):
     _compare("triton", dtype, *shape, bias)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_triton_rows_kernel_matches_reference(shape, bias, dtype, monkeypatch):
+    """The one-pass forward (whole rows per program, shifted one-pass statistics) under the
+    same rule; its backward is the shared one."""
+    monkeypatch.setenv("LONGVITA_SHUFFLE_LN_FWD", "rows")
+    _compare("triton", dtype, *shape, bias)
+
+
+@needs_triton
+@pytest.mark.parametrize("offset", [0.0, 300.0], ids=["centred", "mean-300"])
+def test_triton_rows_kernel_statistics_against_float64(offset):
+    """The shifted one-pass variance stays exact when the rows' mean is far from 0 (the
+    textbook sum-of-squares formula loses every digit at mean 300, std 1 in fp32)."""
+    from longvita.kernels.pixel_shuffle.api import PixelShuffleParams
+    from longvita.kernels.pixel_shuffle.triton import triton_ln_fwd
+
+    x = torch.randn(3, 64, 24, dtype=torch.float64) + offset
+    w, b = 1 + 0.2 * torch.randn(96, dtype=torch.float64), torch.randn(96, dtype=torch.float64)
+    ref = torch.nn.functional.layer_norm(pixel_shuffle_reference(x), (96,), w, b, 1e-5)
+    shuffled = pixel_shuffle_reference(x).reshape(-1, 96)
+    p = PixelShuffleParams(inv=2, eps=1e-5, backend="triton")
+    y, mean, rstd = triton_ln_fwd(x.float(), w.float(), b.float(), p, kernel="rows")
+    torch.testing.assert_close(mean.double(), shuffled.mean(-1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (shuffled.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-4, atol=0)
+    assert (y.double() - ref).abs().max() < 2e-3 * (1 + offset / 100)  # fp32 input rounding at |x| = 300
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        triton_ln_fwd(x.float(), w.float(), b.float(), p, kernel="rowz")
+
+
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -250,6 +282,14 @@ def test_cuda_sources_compile(tmp_path):
 
 def _gpu_backends():
     return [pytest.param("triton"), pytest.param("cuda", marks=pytest.mark.skipif(not native_has_cuda(), reason="longvita._C built without CUDA"))]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 32, 1024, 256, 128), (3, 8, 12, 20, 24)], ids=lambda s: "x".join(map(str, s)))
+def test_gpu_rows_kernel_matches_reference(dtype, shape, monkeypatch):
+    monkeypatch.setenv("LONGVITA_SHUFFLE_LN_FWD", "rows")
+    _compare("triton", dtype, *shape, False, device="cuda")
 
 
 @requires_cuda

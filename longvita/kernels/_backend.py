@@ -29,7 +29,7 @@ import torch
 from longvita._ext import native, native_has_cuda
 
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp", "flash_attn")
-FAMILIES = ("varlen_attention", "lm_head", "pixel_shuffle", "lse_merge")
+FAMILIES = ("varlen_attention", "lm_head", "pixel_shuffle", "lse_merge", "rms_norm", "rope", "swiglu")
 
 _TRITON_OK: bool | None = None  # cached by hand: torch.compile warns on tracing lru_cache
 _warned_bf16_interpret = False
@@ -155,7 +155,8 @@ def _resolve(family: str, device: torch.device, dtype: torch.dtype, backend: str
         if name == "triton":  # float64 loads and stores work; the statistics stay fp32
             _check_triton(device, dtype, name)
         return name, False
-    # varlen_attention, lm_head, lse_merge: Triton or torch (or flash-attn for attention)
+    # varlen_attention, lm_head, lse_merge, rms_norm, rope, swiglu: Triton or torch (or
+    # flash-attn for attention)
     if name in ("torch", "cpp", "flash_attn"):
         return ("torch" if name == "cpp" else name), False
     if name == "auto":

@@ -287,3 +287,42 @@ def lse_merge_reference(
     w_b = torch.exp(lse_b - lse).nan_to_num(0.0).t().unsqueeze(-1)
     acc = lse.dtype
     return w_a * out_a.to(acc) + w_b * out_b.to(acc), lse
+
+
+# --------------------------------------------------------------------------------------
+# Decoder pieces: RMSNorm (+ residual add), RoPE on q and k, SwiGLU
+# --------------------------------------------------------------------------------------
+
+
+def rms_norm_reference(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
+    """Qwen2's RMSNorm (``longvita.model.text.RMSNorm``, transformers' ``Qwen2RMSNorm``):
+    ``weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)``, the statistics in fp32
+    (float64 for float64 inputs), the normalised row rounded to x's dtype before the weight
+    multiplies it; the result has ``torch.result_type(weight, x)``.
+
+    With ``residual``: ``h = x + residual`` first (in their promoted dtype), returns
+    ``(rms_norm(h), h)`` (a decoder layer's ``x = x + attn; normed = norm(x)``).
+    x, residual: (..., H); weight: (H,)."""
+    if residual is not None:
+        x = x + residual
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    y = weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention (Qwen2, ``model.text.apply_rope``):
+    ``x * cos + cat(-x2, x1) * sin`` with x = (x1, x2) split in halves of the head dim.
+    x (tokens, heads, D); cos, sin (tokens, D). Computed in the promoted dtype of x and the
+    tables, returned in x's dtype (as the decoder casts q and k back)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos[:, None, :] + rotated * sin[:, None, :]).to(x.dtype)
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (Qwen2's MLP before its down projection)."""
+    return F.silu(gate) * up

@@ -144,7 +144,8 @@ def varlen_attention_bwd(
 
     dout, out: (total_q, Hq, D); lse, dlse: (Hq, total_q) (dlse may be None). The LSE's
     gradient enters as Delta = rowsum(dout * out) - dlse. Rows past cu_seqlens[-1] get
-    zero gradients. Deterministic (no atomics) on the Triton backend.
+    zero gradients. Deterministic (no atomics) on the Triton backend, except its
+    ``fused_bwd`` variant (``attention/launch_table.py``), which adds dQ with atomics.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

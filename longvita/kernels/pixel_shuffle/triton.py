@@ -2,16 +2,33 @@
 
 Imported only when the Triton backend runs, so ``import longvita`` works without triton.
 The index map and the forward/backward scheme are described in ``pixel_shuffle/api.py``.
+
+Two forward kernels (``LONGVITA_SHUFFLE_LN_FWD`` or ``triton_ln_fwd(kernel=...)`` picks):
+- ``row`` (the default, measured on an H100 on 2026-11-25 at 57-67 % of copy bandwidth):
+  ``_ps_ln_fwd_kernel``, one program per output row; two dependent reductions (the mean,
+  then the centred variance) and the LayerNorm weight/bias loaded again for every row.
+- ``rows``: ``_ps_ln_fwd_rows_kernel``, one program per ``ROWS`` whole output rows, as one
+  (ROWS, inv^2, C) tile whose channel runs are contiguous (16-byte vector loads and stores
+  at C a multiple of 8 in 16-bit, the compile report shows them), the weight and bias
+  loaded once per program, and the statistics in one pass: the sum and the sum of squares
+  of ``x - K`` reduced side by side, with ``K`` the row's first element (the shifted-data
+  variance, exact in fp32 while K is within a few standard deviations of the mean, which
+  a row's own element is for LayerNorm inputs). Meant to reach the copy bandwidth; the
+  default until a chip measures it faster (``benchmarks/bench_pixel_shuffle.py``).
+Memory: y (rows, inv^2*C) in x's dtype and two fp32 statistics per row, nothing else.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+from longvita.kernels._backend import triton_interpret
 
 if TYPE_CHECKING:
     from longvita.kernels.pixel_shuffle.api import PixelShuffleParams
@@ -67,6 +84,61 @@ def _ps_ln_fwd_kernel(
     tl.store(Y + row * n + col, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
+
+@triton.jit
+def _ps_ln_fwd_rows_kernel(
+    X,  # (tiles, n_tok, C) contiguous
+    W,  # (INV*INV*C,)
+    B,  # (INV*INV*C,) or dummy
+    Y,  # (rows, INV*INV*C)
+    Mean,  # (rows,) fp32
+    Rstd,  # (rows,) fp32
+    n_rows,
+    n_tok,
+    h,
+    w_out,
+    n_out,
+    C,
+    eps,
+    INV: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """ROWS whole output rows per program: (ROWS, BLOCK_S, BLOCK_C) tile, one-pass statistics."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # (ROWS,)
+    row_ok = rows < n_rows
+    tile = rows // n_out
+    r = rows % n_out
+    i = r // w_out
+    j = r % w_out
+    s = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    # source token of (row, slot): (ROWS, BLOCK_S)
+    tok = (tile * n_tok + INV * j)[:, None] + ((INV * i)[:, None] + (s // INV)[None, :]) * h + (s % INV)[None, :]
+    slot_ok = (s < INV * INV)[:, None] & (c < C)[None, :]  # (BLOCK_S, BLOCK_C)
+    mask = row_ok[:, None, None] & slot_ok[None, :, :]
+    x = tl.load(X + tok[:, :, None] * C + c[None, None, :], mask=mask, other=0.0).to(tl.float32)
+    n = INV * INV * C
+    # shifted one-pass statistics: K = the row's first element (slot 0, channel 0)
+    shift = tl.sum(tl.sum(tl.where((s[:, None] == 0) & (c[None, :] == 0), x, 0.0), axis=2), axis=1)  # (ROWS,)
+    xs = tl.where(mask, x - shift[:, None, None], 0.0)
+    s1 = tl.sum(tl.sum(xs, axis=2), axis=1)
+    s2 = tl.sum(tl.sum(xs * xs, axis=2), axis=1)
+    mean_s = s1 / n
+    var = tl.maximum(s2 / n - mean_s * mean_s, 0.0)
+    rstd = 1.0 / tl.sqrt(var + eps)
+    mean = shift + mean_s
+    col = s[:, None] * C + c[None, :]  # (BLOCK_S, BLOCK_C)
+    w = tl.load(W + col, mask=slot_ok, other=0.0).to(tl.float32)
+    y = (xs - mean_s[:, None, None]) * rstd[:, None, None] * w[None, :, :]
+    if HAS_BIAS:
+        y += tl.load(B + col, mask=slot_ok, other=0.0).to(tl.float32)[None, :, :]
+    tl.store(Y + rows[:, None, None] * n + col[None, :, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
 
 @triton.jit
 def _ps_ln_bwd_kernel(
@@ -137,9 +209,25 @@ def _bwd_programs(x: torch.Tensor, n_rows: int) -> int:
     return max(1, min(n_rows, _BWD_PROGRAMS_INTERPRET))
 
 
-def triton_ln_fwd(x, weight, bias, p: PixelShuffleParams):
-    """Fused shuffle + LayerNorm forward: ``(y, mean, rstd)`` (see ``pixel_shuffle_ln_fwd``)."""
+FWD_KERNELS = ("row", "rows")
+# Elements of one program's (ROWS, inv^2, C) tile in the 'rows' kernel: 8192 values are 32
+# per thread at 8 warps, and at InternViT-300M's C = 1024 (inv 2) two whole rows.
+_ROWS_TILE_ELEMS = 8192
+
+
+def _fwd_kernel_name(kernel: str | None) -> str:
+    name = kernel or os.environ.get("LONGVITA_SHUFFLE_LN_FWD") or "row"
+    if name not in FWD_KERNELS:
+        what = "kernel" if kernel else "LONGVITA_SHUFFLE_LN_FWD"
+        raise ValueError(f"{what} must be one of {FWD_KERNELS}, got {name!r}")
+    return name
+
+
+def triton_ln_fwd(x, weight, bias, p: PixelShuffleParams, kernel: str | None = None):
+    """Fused shuffle + LayerNorm forward: ``(y, mean, rstd)`` (see ``pixel_shuffle_ln_fwd``).
+    ``kernel``: 'row' or 'rows' (module docstring); None reads LONGVITA_SHUFFLE_LN_FWD."""
     assert x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())
+    name = _fwd_kernel_name(kernel)
     tiles, n_tok, c = x.shape
     h = math.isqrt(n_tok)
     n_out = n_tok // (p.inv * p.inv)
@@ -150,6 +238,19 @@ def triton_ln_fwd(x, weight, bias, p: PixelShuffleParams):
     if y.numel() == 0:
         return y, mean, rstd
     block_s, block_c = _blocks(c, p.inv)
+    if name == "rows":
+        n_rows = tiles * n_out
+        rows = max(1, min(16, _ROWS_TILE_ELEMS // (block_s * block_c)))
+        rows = min(rows, triton.next_power_of_2(n_rows))
+        if triton_interpret():
+            rows = min(rows, 2)  # the interpreter: still more than one row per program
+        _ps_ln_fwd_rows_kernel[(triton.cdiv(n_rows, rows),)](
+            x, weight, bias if bias is not None else weight, y, mean, rstd,
+            n_rows, n_tok, h, h // p.inv, n_out, c, p.eps,
+            INV=p.inv, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_S=block_s, BLOCK_C=block_c,
+            num_warps=8 if rows * block_s * block_c >= 4096 else 4,
+        )
+        return y, mean, rstd
     _ps_ln_fwd_kernel[(tiles * n_out,)](
         x, weight, bias if bias is not None else weight, y, mean, rstd,
         n_tok, h, h // p.inv, n_out, c, p.eps,
