@@ -20,6 +20,11 @@ so ``--layers N`` keeps N of the 48 (default 4) and the title states the count. 
   (``apply_activation_checkpointing``: every decoder layer and ViT block recomputed);
 - stage 1 (only the projector trainable, the rest ``requires_grad_(False)``), the same two.
 
+``--policies all`` (or a comma list of ``runtime.train.parallelize.AC_POLICIES``) instead
+runs stage 3 once per activation-checkpointing policy: ``none``, ``full``, ``every-other``
+(every second layer recomputed) and ``mlp`` (attention outputs kept, the MLPs recomputed),
+so their MFU and peak memory sit side by side.
+
 Columns: ``tokens``, ``ms`` (median wall time of a step), ``tok_s`` (tokens / step time),
 ``tflops`` (model FLOPs / step time), ``mfu``, ``gib`` (peak memory allocated on the GPU
 during the timed steps: weights, gradients, optimizer state and activations), ``trainable``
@@ -64,7 +69,7 @@ from common import (  # noqa: E402
 )
 
 from longvita.runtime.train.loss import packed_loss  # noqa: E402
-from longvita.runtime.train.parallelize import apply_activation_checkpointing  # noqa: E402
+from longvita.runtime.train.parallelize import AC_POLICIES, apply_activation_checkpointing  # noqa: E402
 from longvita.model import LongVITA, preset  # noqa: E402
 
 NAME = "train"
@@ -74,8 +79,8 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 MFU_TARGET = 0.45  # at 128K tokens on an H100
 TARGET_TOKENS = 131072
 GIB = 2**30
-# (stage, activation checkpointing) of the four rows
-CONFIGS = (("stage 3", False), ("stage 3", True), ("stage 1", False), ("stage 1", True))
+# (stage, activation-checkpointing policy) of the four default rows
+CONFIGS = (("stage 3", "none"), ("stage 3", "full"), ("stage 1", "none"), ("stage 1", "full"))
 
 
 @dataclass
@@ -142,7 +147,7 @@ def slot_id(model: LongVITA) -> int:
     return model.config.text.vocab_size - 1
 
 
-def build_model(s: Settings, stage: str, checkpointing: bool) -> LongVITA:
+def build_model(s: Settings, stage: str, policy: str) -> LongVITA:
     """fp32 random weights made on the device; stage 1 leaves only the projector trainable."""
     cfg = preset(s.preset)
     cfg.text.num_layers = s.layers
@@ -156,8 +161,8 @@ def build_model(s: Settings, stage: str, checkpointing: bool) -> LongVITA:
         model.projector.requires_grad_(True)
     elif stage != "stage 3":
         raise ValueError(f"unknown stage {stage!r}")
-    if checkpointing:
-        apply_activation_checkpointing(model)
+    if policy != "none":
+        apply_activation_checkpointing(model, policy)
     return model
 
 
@@ -202,9 +207,9 @@ def setup_step(model: LongVITA, s: Settings):
     return step
 
 
-def measure(s: Settings, stage: str, checkpointing: bool) -> dict:
+def measure(s: Settings, stage: str, policy: str) -> dict:
     """The metrics of one row; ``{"tokens": T}`` alone when the step ran out of memory."""
-    model = build_model(s, stage, checkpointing)
+    model = build_model(s, stage, policy)
     step = setup_step(model, s)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = model_flops(model, s.tokens, s.tiles)
@@ -241,8 +246,8 @@ def measure(s: Settings, stage: str, checkpointing: bool) -> dict:
     return metrics
 
 
-def row_impl(stage: str, checkpointing: bool) -> str:
-    return f"{stage} {'with' if checkpointing else 'without'} activation checkpointing"
+def row_impl(stage: str, policy: str) -> str:
+    return f"{stage}, activation checkpointing: {policy}"
 
 
 def title(s: Settings) -> str:
@@ -261,7 +266,14 @@ def run(args) -> int:
     if s.cpu:
         torch.set_num_threads(1)  # tiny ops on a shared CI machine: one thread is fastest
     rows: list[Row] = []
-    for stage, ac in CONFIGS:
+    configs = CONFIGS
+    if args.policies:
+        policies = AC_POLICIES if args.policies == "all" else tuple(p.strip() for p in args.policies.split(","))
+        bad = [p for p in policies if p not in AC_POLICIES]
+        if bad:
+            raise SystemExit(f"bench_train: --policies: unknown {bad}; choose from all or {', '.join(AC_POLICIES)}")
+        configs = tuple(("stage 3", p) for p in policies)
+    for stage, ac in configs:
         rows.append(Row(f"{stage} N={fmt_tokens(s.tokens)}", row_impl(stage, ac), measure(s, stage, ac)))
         write_json(NAME, title(s), rows, METRICS, args.out, quiet=True)
     print_table(title(s), rows, METRICS)
@@ -276,6 +288,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="decoder layers kept (default 4; CPU: 2)")
     parser.add_argument("--tokens", type=int, default=None, help="tokens in the pack (default 131072; CPU: 384)")
     parser.add_argument("--tiles", type=int, default=None, help="image tiles in the pack (default 16; CPU: 4)")
+    parser.add_argument("--policies", default=None, metavar="all|P,P",
+                        help=f"stage 3 once per activation-checkpointing policy ({', '.join(AC_POLICIES)})")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train.json)")
     return run(parser.parse_args(argv))
 
@@ -286,12 +300,12 @@ def main(argv=None) -> int:
 
 
 @gpu_only
-@pytest.mark.parametrize("stage,checkpointing", CONFIGS)
-def test_train_step(benchmark, stage, checkpointing):
+@pytest.mark.parametrize("stage,policy", CONFIGS)
+def test_train_step(benchmark, stage, policy):
     s = settings_from_args(argparse.Namespace(cpu_smoke=False, quick=True, layers=4, tokens=32768, tiles=16))
-    model = build_model(s, stage, checkpointing)
+    model = build_model(s, stage, policy)
     step = setup_step(model, s)
-    median_s = pytest_benchmark_median(benchmark, step, f"train N=32K {row_impl(stage, checkpointing)}",
+    median_s = pytest_benchmark_median(benchmark, step, f"train N=32K {row_impl(stage, policy)}",
                                        rounds=3, warmup_rounds=1)
     benchmark.extra_info["tokens_per_s"] = s.tokens / median_s
     peak = peak_flops(s.device)

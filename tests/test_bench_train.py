@@ -18,10 +18,10 @@ from make_results import to_markdown  # noqa: E402
 from _bench import cpu_smoke_payload  # noqa: E402
 
 IMPLS = [
-    "stage 3 without activation checkpointing",
-    "stage 3 with activation checkpointing",
-    "stage 1 without activation checkpointing",
-    "stage 1 with activation checkpointing",
+    "stage 3, activation checkpointing: none",
+    "stage 3, activation checkpointing: full",
+    "stage 1, activation checkpointing: none",
+    "stage 1, activation checkpointing: full",
 ]
 
 
@@ -51,9 +51,9 @@ def check_payload(p):
         assert m.get("mfu") is None and m.get("gib") is None and m.get("mfu_target") is None, f"{r['impl']}: {m}"
         trainable[r["impl"]] = m["trainable"]
     # stage 1 trains the projector only: far fewer parameters, whatever the checkpointing
-    for ac in ("without", "with"):
-        s3 = trainable[f"stage 3 {ac} activation checkpointing"]
-        s1 = trainable[f"stage 1 {ac} activation checkpointing"]
+    for ac in ("none", "full"):
+        s3 = trainable[f"stage 3, activation checkpointing: {ac}"]
+        s1 = trainable[f"stage 1, activation checkpointing: {ac}"]
         assert s1 < s3 / 5, f"stage 1 {ac} AC trains {s1}M parameters, stage 3 {s3}M"
 
 
@@ -69,11 +69,11 @@ def test_cpu_run_writes_every_row(payload):
 def test_checks_catch_a_broken_result(payload):
     broken = json.loads(json.dumps(payload))
     broken["rows"][1]["metrics"]["tok_s"] = -1.0  # corrupted: a negative rate
-    with pytest.raises(AssertionError, match="stage 3 with activation checkpointing"):
+    with pytest.raises(AssertionError, match="stage 3, activation checkpointing: full"):
         check_payload(broken)
     broken = json.loads(json.dumps(payload))
     broken["rows"][0]["metrics"]["ms"] = float("nan")
-    with pytest.raises(AssertionError, match="stage 3 without"):
+    with pytest.raises(AssertionError, match="stage 3, activation checkpointing: none"):
         check_payload(broken)
     broken = json.loads(json.dumps(payload))
     broken["rows"] = [r for r in broken["rows"] if not r["impl"].startswith("stage 1")]
@@ -108,7 +108,7 @@ def test_flops_formula_on_the_14b_shapes():
 
 def test_pack_has_tile_slots_and_shifted_labels():
     s = bt.settings_from_args(bt.argparse.Namespace(cpu_smoke=True, quick=False, layers=None, tokens=None, tiles=None))
-    model = bt.build_model(s, "stage 1", False)
+    model = bt.build_model(s, "stage 1", "none")
     ids, labels, pixels, cu = bt.make_pack(model, 200, 3, "cpu")
     slots = ids == bt.slot_id(model)
     assert slots.sum() == 3 * model.config.tokens_per_tile and pixels.shape[0] == 3

@@ -157,10 +157,11 @@ def test_rms_norm_writes_every_element(monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_rms_norm_equals_the_models_module(backend):
-    """Drop-in for ``model.text.RMSNorm``: same values and gradients on the same input."""
-    from longvita.model.text import RMSNorm
+    """Drop-in for Qwen2's eager RMSNorm (transformers' ``Qwen2RMSNorm``, what
+    ``model.text.RMSNorm`` computed before it called this kernel): same values and gradients."""
+    qwen2 = pytest.importorskip("transformers.models.qwen2.modeling_qwen2")
 
-    mod = RMSNorm(40, 1e-6).to(DEVICE)
+    mod = qwen2.Qwen2RMSNorm(40, eps=1e-6).to(DEVICE)
     with torch.no_grad():
         mod.weight.copy_(1 + 0.2 * torch.randn(40))
     x = torch.randn(2, 9, 40, device=DEVICE)

@@ -169,6 +169,45 @@ def test_fsdp_and_cp_step_equals_single_process(world, cp, tmp_path):
         assert r["loss_api"] > 0
 
 
+@pytest.mark.parametrize("policy", ["every-other", "mlp"])
+def test_activation_checkpointing_policies_recompute_what_they_name(policy):
+    """every-other recomputes blocks 0, 2, ... and no other; mlp recomputes every block's MLP
+    and never its attention. Gradients equal the plain model's in float64 either way."""
+    from longvita.runtime.train.parallelize import apply_activation_checkpointing
+
+    seed = int(torch.randint(0, 2**30, ()).item())
+    ids, labels, pixels, cu = _batch(seed, reset=True)
+    plain = _model(seed, torch.float64)
+    packed_loss(plain, ids, labels, pixels.double(), cu_seqlens=cu).backward()
+    model = _model(seed, torch.float64)
+    assert len(model.text.layers) >= 2 and len(model.vision.layers) >= 2
+    counted = {}
+    for stack, blocks in (("text", model.text.layers), ("vision", model.vision.layers)):
+        for i in (0, 1):
+            for part, mod in (("block", blocks[i]), ("mlp", blocks[i].mlp)):
+                key = f"{stack}{i}.{part}"
+                counted[key] = 0
+                inner = mod.forward
+                def counting(*a, inner=inner, key=key, **k):
+                    counted[key] += 1
+                    return inner(*a, **k)
+                mod.forward = counting
+    apply_activation_checkpointing(model, policy)
+    packed_loss(model, ids, labels, pixels.double(), cu_seqlens=cu).backward()
+    for key, n in counted.items():
+        stack_i, part = key.split(".")
+        i = int(stack_i[-1])
+        if policy == "every-other":
+            expected = 2 if i == 0 else 1  # the checkpointed block runs its MLP again too
+        else:
+            expected = 2 if part == "mlp" else 1
+        assert n == expected, (policy, key, n, counted)
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-14), name
+    with pytest.raises(ValueError, match="activation checkpointing policy"):
+        apply_activation_checkpointing(_model(seed), "selective")
+
+
 def test_activation_checkpointing_recomputes_and_keeps_gradients():
     """Every decoder layer and ViT block runs again in the backward; gradients are the same."""
     from longvita.runtime.train.parallelize import apply_activation_checkpointing

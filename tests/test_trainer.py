@@ -163,6 +163,12 @@ def test_recipe_presets_and_overrides(tmp_path):
         apply_overrides(r, ["nope=1"])
     with pytest.raises(ValueError, match="beta1"):
         apply_overrides(r, ["beta1=2"])
+    # activation checkpointing: auto recomputes every layer from 16K-token packs
+    assert [recipe(s).ac_policy() for s in (1, 2, 3, 4)] == ["full"] * 4
+    assert apply_overrides(recipe(1), {"seq_len": 1024}).ac_policy() == "none"
+    assert apply_overrides(recipe(1), {"activation_checkpointing": "mlp"}).ac_policy() == "mlp"
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
+        apply_overrides(r, {"activation_checkpointing": "selective"})
     pytest.importorskip("yaml")
     y = tmp_path / "c.yaml"
     y.write_text("lr_vision: 3.0e-6\nwarmup_steps: 5\n")
@@ -335,6 +341,12 @@ def test_activation_checkpointing_flag_gives_the_same_steps(tmp_path, capsys):
     assert rc == 0, err
     assert [x["loss"] for x in ac] == pytest.approx([x["loss"] for x in plain], rel=1e-6)
     assert [x["grad_norm"] for x in ac] == pytest.approx([x["grad_norm"] for x in plain], rel=1e-5)
+    rc, mlp, err = _train(capsys, tmp_path / "mlp", "--steps", "2", "--activation-checkpointing", "mlp")
+    assert rc == 0, err
+    assert [x["loss"] for x in mlp] == pytest.approx([x["loss"] for x in plain], rel=1e-6)
+    with pytest.raises(SystemExit) as e:
+        _train(capsys, tmp_path / "bad", "--steps", "2", "--activation-checkpointing", "sometimes")
+    assert e.value.code != 0 and "--activation-checkpointing" in capsys.readouterr().err
 
 
 def test_bf16_precision_trains_close_to_fp32(tmp_path, capsys):

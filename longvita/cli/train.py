@@ -18,7 +18,6 @@ from longvita.runtime.train.checkpoint import CHECKPOINT_DIR, complete_checkpoin
 
 TINY_SEQ_LEN = 256  # the tiny default model: a step takes about a second on a CPU
 DEFAULT_STEPS = 10
-LONG_SEQUENCE_AC = 16384  # packs from this long recompute activations by default (memory over speed)
 
 # the train command's own flags a --config file may set too (a flag given on the command line
 # wins), with what each takes
@@ -38,7 +37,7 @@ class TrainOptions:
     steps: int
     seed: int
     precision: str
-    activation_checkpointing: bool
+    activation_checkpointing: str
     cp: int | None
     ulysses: int
     out: str
@@ -92,7 +91,10 @@ class TrainOptions:
         if not args.resume and done:
             raise UsageError(f"--out {out} already holds checkpoints; pass --resume to continue, or another --out")
         precision = args.precision or ("bf16" if demo else "fp32")
-        ac = args.activation_checkpointing == "on" or (args.activation_checkpointing == "auto" and r.seq_len >= LONG_SEQUENCE_AC)
+        if args.activation_checkpointing is not None:  # the flag wins over the recipe
+            r = recipes.apply_overrides(r, {"activation_checkpointing": {"on": "full", "off": "none"}.get(
+                args.activation_checkpointing, args.activation_checkpointing)})
+        ac = r.ac_policy()
         return cls(
             stage=stage, recipe_name=given["recipe"], recipe=r, model=model, data=data, steps=steps,
             seed=checks.check_seed(given["seed"]), precision=precision, activation_checkpointing=ac, cp=cp,
@@ -136,8 +138,10 @@ def add_parser(sub, fmt) -> None:
     t.add_argument("--precision", choices=["fp32", "bf16"],
                    help="compute precision (bf16: bf16 compute over fp32 master weights, fp32 gradient reduction; "
                    "default bf16 for --recipe demo, whose CPU matmuls run ~1.5x faster in it, else fp32)")
-    t.add_argument("--activation-checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help=f"recompute each layer in the backward; auto: on from {LONG_SEQUENCE_AC} tokens")
+    t.add_argument("--activation-checkpointing", choices=["auto", "on", "off", *recipes.AC_CHOICES[1:]],
+                   help=f"what the backward recomputes: full (on) every layer, every-other layer, mlp (keep "
+                        f"attention, recompute the MLPs), none (off); auto (the recipe's default): full from "
+                        f"{recipes.LONG_SEQUENCE_AC}-token packs")
     t.add_argument("--cp", type=int, metavar="N",
                    help="ranks per context-parallel group; the rest of the world is data parallel (FSDP2) (unset: all)")
     t.add_argument("--ulysses", type=int, default=1, metavar="U",

@@ -1,13 +1,19 @@
 """Qwen2 / Qwen2.5 decoder over packed tokens: GQA, RoPE from per-token position ids,
 SwiGLU MLP, RMSNorm. Module and parameter names follow transformers' Qwen2 so that
-checkpoints map one to one."""
+checkpoints map one to one.
+
+The memory-bound pieces run as longvita's fused kernels (``kernels.rms_norm`` with the
+residual add folded into the second norm of a layer, ``kernels.apply_rope_qk``,
+``kernels.swiglu``): one pass over the activations each instead of eager's 6-8 kernels and
+their fp32 intermediates. On CPU tensors their torch paths compute the same formulas.
+``apply_rope`` below is the eager definition they replace (the tests compare them)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from longvita.kernels import apply_rope_qk, rms_norm, swiglu
 from longvita.model.attention import DecoderAttention
 from longvita.model.config import TextConfig
 
@@ -18,11 +24,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x, residual=None):
+        """``weight * normalise(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
+        return rms_norm(x, self.weight, self.eps, residual=residual)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -52,9 +56,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attention: DecoderAttention, layer_idx: int):
         n = x.shape[0]
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
-        # RoPE in the tables' dtype, then back to the projections' (they differ under autocast)
-        q = apply_rope(self.q_proj(x).view(n, self.num_heads, self.head_dim), cos, sin).to(v.dtype)  # (tokens, heads, head_dim)
-        k = apply_rope(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim), cos, sin).to(v.dtype)
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (tokens, heads, head_dim)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        # RoPE computed in fp32 and returned in the projections' dtype (the tables may be
+        # fp32 under autocast), as eager's apply_rope(...).to(v.dtype)
+        q, k = apply_rope_qk(q, k, cos, sin)
         out = attention.attend(layer_idx, q, k, v)  # (tokens, heads, head_dim)
         return self.o_proj(out.reshape(n, -1))
 
@@ -67,7 +73,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up, fused
 
 
 class DecoderLayer(nn.Module):
@@ -79,8 +85,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, attention: DecoderAttention, layer_idx: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention, layer_idx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, attention, layer_idx)
+        normed, x = self.post_attention_layernorm(h, residual=x)  # x = x + h; normed = norm(x), one pass
+        return x + self.mlp(normed)
 
 
 class TextDecoder(nn.Module):

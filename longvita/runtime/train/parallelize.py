@@ -1,10 +1,16 @@
 """Parallelism and memory policies applied to a plain model from outside, in one function
 with a fixed order (as torchtitan's ``parallelize_*``):
 
-1. activation checkpointing: torch's composable ``checkpoint`` applied to each ViT block
-   and decoder layer (recomputed in the backward, so activation memory grows with one
-   layer's, not every layer's). The composable form, not ``checkpoint_wrapper``: it hooks
-   the module in place, so parameter names (optimizer groups, checkpoints) do not change;
+1. activation checkpointing, one of ``AC_POLICIES``, with torch's composable ``checkpoint``
+   (the composable form, not ``checkpoint_wrapper``: it hooks the module in place, so
+   parameter names, optimizer groups and checkpoints do not change):
+   - ``full``: every ViT block and decoder layer is recomputed in the backward (activation
+     memory grows with one layer's, not every layer's; about one more forward of compute);
+   - ``every-other``: every second block and layer (half the saving, half the recompute);
+   - ``mlp``: only the MLP of every block and layer: the attention's output and its saved
+     LSE are kept, so attention, the most expensive part at long context, is never
+     recomputed, while the MLP's wide intermediate (4-5x the hidden size) is not kept;
+   - ``none``;
 2. (``torch.compile`` of the blocks would come here, after checkpointing, before FSDP);
 3. FSDP2 (``fully_shard``): each ViT block and decoder layer is its own unit, then the
    root ``PackedLoss`` (embeddings, projector, final norm and LM head), over the mesh of
@@ -21,18 +27,26 @@ import torch
 from longvita.model import LongVITA
 from longvita.runtime.train.loss import PackedLoss
 
-__all__ = ["apply_activation_checkpointing", "parallelize", "shard_model", "sum_gradients_loss"]
+__all__ = ["AC_POLICIES", "apply_activation_checkpointing", "parallelize", "shard_model", "sum_gradients_loss"]
+
+AC_POLICIES = ("none", "full", "every-other", "mlp")
 
 
-def apply_activation_checkpointing(model: LongVITA) -> LongVITA:
-    """Recompute every decoder layer and ViT block of ``model`` in the backward (torch's
-    composable, non-reentrant ``checkpoint``), in place; parameter names are unchanged. Under
-    CP the recompute runs the ring again on every rank alike; without gradients (inference)
-    nothing is saved or recomputed."""
+def apply_activation_checkpointing(model: LongVITA, policy: str = "full") -> LongVITA:
+    """Recompute parts of ``model`` in the backward by ``policy`` (``AC_POLICIES``, see the
+    module docstring) with torch's composable, non-reentrant ``checkpoint``, in place;
+    parameter names are unchanged. Under CP the recompute runs the ring again on every rank
+    alike; without gradients (inference) nothing is saved or recomputed."""
+    if policy not in AC_POLICIES:
+        raise ValueError(f"activation checkpointing policy must be one of {AC_POLICIES}, got {policy!r}")
     from torch.distributed._composable import checkpoint
 
-    for block in list(model.vision.layers) + list(model.text.layers):
-        checkpoint(block)
+    for blocks in (model.vision.layers, model.text.layers):
+        for i, block in enumerate(blocks):
+            if policy == "full" or (policy == "every-other" and i % 2 == 0):
+                checkpoint(block)
+            elif policy == "mlp":
+                checkpoint(block.mlp)
     return model
 
 
@@ -65,17 +79,19 @@ def sum_gradients_loss(loss: torch.Tensor, mesh) -> torch.Tensor:
     return loss * mesh.size()
 
 
-def parallelize(model: LongVITA, fsdp_mesh=None, *, activation_checkpointing: bool = False,
+def parallelize(model: LongVITA, fsdp_mesh=None, *, activation_checkpointing: bool | str = False,
                 mixed_precision: str | None = None) -> PackedLoss:
     """The training module for ``model``: ``PackedLoss(model)`` with the policies above, in
-    their order. ``fsdp_mesh``: shard over it (None: parameters stay whole on every rank).
+    their order. ``activation_checkpointing``: a policy name, or True (``full``) / False
+    (``none``). ``fsdp_mesh``: shard over it (None: parameters stay whole on every rank).
     ``mixed_precision='bf16'`` under FSDP2: bf16 parameters in compute, fp32 gradient
     reduction (without FSDP the trainer's autocast does the casting). Set ``requires_grad``
     of frozen modules before calling: FSDP2 reads it when it shards."""
     if mixed_precision not in (None, "bf16"):
         raise ValueError(f"mixed_precision must be None or 'bf16', got {mixed_precision!r}")
-    if activation_checkpointing:  # 1. before FSDP, as torchtitan orders them
-        apply_activation_checkpointing(model)
+    policy = {True: "full", False: "none"}.get(activation_checkpointing, activation_checkpointing)
+    if policy != "none":  # 1. before FSDP, as torchtitan orders them
+        apply_activation_checkpointing(model, policy)
     module = PackedLoss(model)
     if fsdp_mesh is not None:  # 3.
         mp_policy = None

@@ -36,6 +36,9 @@ __all__ = ["RecipeError", "DEMO_SAMPLES", "DEMO_SEQ_LEN", "DEMO_STEPS", "RECIPES
            "lr_factor", "recipe"]
 
 RECIPES = ("paper", "long-vita-release", "demo")
+# activation checkpointing: auto, or a policy of runtime.train.parallelize.AC_POLICIES
+AC_CHOICES = ("auto", "none", "full", "every-other", "mlp")
+LONG_SEQUENCE_AC = 16384  # auto: packs from this long recompute every layer (memory over speed)
 DEMO_SEQ_LEN = 1024
 DEMO_SAMPLES = 57000  # the demo recipe's generated training set: one pass of the default run (~50 s to write)
 DEMO_STEPS = 7100  # the demo recipe's length: with the data, under 30 minutes on 2 CPU cores
@@ -66,6 +69,9 @@ class StageRecipe:
     min_lr_ratio: float = 0.0  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global gradient norm; 0: off
+    # auto (full from 16K-token packs, else none), none, full, every-other, mlp
+    # (runtime.train.parallelize.AC_POLICIES); the train command's flag overrides it
+    activation_checkpointing: str = "auto"
     label_smoothing: float = 0.0  # as F.cross_entropy defines it
     z_loss: float = 0.0  # PaLM's z-loss weight: z_loss * lse**2 per labelled token
     beta1: float = 0.9
@@ -82,6 +88,9 @@ class StageRecipe:
             v = getattr(self, key)
             if not (v >= 0 and math.isfinite(v)):
                 problems.append(f"{key} must be a finite number >= 0, got {v}")
+        if self.activation_checkpointing not in AC_CHOICES:
+            problems.append(f"activation_checkpointing must be one of {', '.join(AC_CHOICES)}, got "
+                            f"{self.activation_checkpointing!r}")
         if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
             problems.append(f"z_loss must be a finite number >= 0, got {self.z_loss}")
         for key in ("beta1", "beta2", "warmup_ratio", "min_lr_ratio", "layer_decay", "label_smoothing"):
@@ -100,6 +109,12 @@ class StageRecipe:
         if self.warmup_steps is not None:
             return self.warmup_steps
         return int(math.ceil(self.warmup_ratio * steps))
+
+    def ac_policy(self) -> str:
+        """The activation-checkpointing policy this recipe runs (``auto`` resolved)."""
+        if self.activation_checkpointing != "auto":
+            return self.activation_checkpointing
+        return "full" if self.seq_len >= LONG_SEQUENCE_AC else "none"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -90,7 +90,8 @@ class Trainer:
     the final model. stream: a ``PackStream`` over the whole data (the same on every rank:
     the trainer shards it per data-parallel group). cp: ranks per context-parallel group
     (must divide the world size; None: all of them); ulysses: the Ulysses degree inside it
-    (must divide cp; 1: a plain ring). out: the run folder (checkpoints,
+    (must divide cp; 1: a plain ring). activation_checkpointing: a policy of
+    ``parallelize.AC_POLICIES`` (True: ``full``). out: the run folder (checkpoints,
     ``final``). checkpoint_every: steps between checkpoints (0: only at the end); keep:
     complete checkpoints kept.
 
@@ -99,7 +100,7 @@ class Trainer:
 
     def __init__(self, model, tokenizer, recipe: StageRecipe, stream, *, steps: int, out: str | os.PathLike,
                  cp: int | None = None, ulysses: int = 1, checkpoint_every: int = 0, keep: int = 2,
-                 activation_checkpointing: bool = False, mixed_precision: str | None = None):
+                 activation_checkpointing: bool | str = False, mixed_precision: str | None = None):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.recipe, self.stream, self.tokenizer = recipe.validate(), stream, tokenizer
