@@ -29,8 +29,6 @@ Input checks and preparation (DTensors, autocast) are in ``inputs.py``.
 from __future__ import annotations
 
 import dataclasses
-import math
-import sys
 
 import torch
 

@@ -66,7 +66,7 @@ import math
 
 import torch
 
-from longvita.kernels.lm_head.torch import MODE_FUSED, MODE_GRAD, MODE_LOSS, torch_rows
+from longvita.kernels.lm_head.torch import MODE_GRAD, MODE_LOSS, torch_rows
 from longvita.kernels.lm_head.torch import acc_dtype as _acc_dtype
 
 # Logits one chunk of the torch path may hold, in fp32 (it also makes a few fp32 copies).

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from longvita._ext import native
 from longvita.kernels._backend import resolve
-from longvita.kernels.pixel_shuffle.torch import pixel_shuffle_source_index, torch_shuffle_layernorm
+from longvita.kernels.pixel_shuffle.torch import torch_shuffle_layernorm
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -261,7 +261,6 @@ class CheckpointManager:
         """Write ``step-NNNNNNN`` (temp folder, manifest, marker, rename), drop all but the
         newest ``keep``. Raises ``OutputError`` naming the folder when it cannot be written;
         the temp folder is then removed and the previous checkpoints stay as they were."""
-        import torch
 
         rank, _ = self._rank_world()
         final, tmp = self.root / f"step-{step:07d}", self.root / f"step-{step:07d}.tmp"
