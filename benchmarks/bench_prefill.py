@@ -41,7 +41,7 @@ full 48 layers on an 80 GB H100).
     prefill (time from the first of 64 generated tokens to the last, over the 63 in
     between); ``ms`` is that chunked prefill's time.
 (d) Context-parallel prefill scaling for P = 1, 2, 4, 8 predicted with the ring-attention
-    time model of ``bench_ring.py``: per layer, the dense part (projections, MLP) splits
+    time model of ``longvita.parallel.costs`` (``bench_ring.py`` measures its blocks): per layer, the dense part (projections, MLP) splits
     evenly over P, the attention takes the ring's predicted time from this GPU's block
     timings and ``--link-gbps``. The dense part is linear in N: measured once at 32K (the
     prefill minus its layers' causal attention, timed alone) and scaled; the P = 1 row is
@@ -62,292 +62,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ring import KINDS, predict, setup_block  # noqa: E402
-from bench_ring import Case as RingCase  # noqa: E402
 from common import (  # noqa: E402
-    Row, fmt_tokens, free_memory, gpu_only, is_cuda_oom, print_table, pytest_benchmark_median, sync, write_json,
+    Row, fmt_tokens, free_memory, gpu_only, print_table, pytest_benchmark_median, setup_block, write_json,
+)
+from prefill_setup import (  # noqa: E402,F401  (the tests reach the helpers through this module)
+    DECODE_TOKENS, DECODE_TOKENS_C, GIB, HEADS, Settings, SimulatedOOM, attempt, build_model, generate_peak,
+    is_oom, largest_under, prefill_peak, prompt, search_largest, settings_from_args, setup_attention,
+    setup_generate, setup_prefill, time_and_peak, time_ms, warm_up, weight_bytes,
 )
 
 from longvita.model import LongVITA, preset  # noqa: E402
-from longvita.runtime import ContextParallelPlan, LocalPlan, generate  # noqa: E402
+from longvita.parallel.costs import KINDS, RingCase, predict_ring  # noqa: E402
+from longvita.runtime import ContextParallelPlan, generate  # noqa: E402
+from longvita.runtime.capacity import kv_bytes_per_token  # noqa: E402
 
 NAME = "prefill"
 METRICS = ["tokens", "ms", "gib", "pred_gib", "max_tokens", "pred_max_tokens", "decode_tok_s",
            "pred_ms", "speedup", "efficiency", "measured_ms"]
-HEADS = ("all-logits head", "chunked head", "last-token head")
-DECODE_TOKENS = 16  # (b): the longest prompt must still decode this many
-DECODE_TOKENS_C = 64  # (c): tokens timed for the decode speed
-# the CPU smoke run widens the tiny preset's 512-token vocabulary so that, as with the real
-# 152K one, the all-logits head is what runs out of memory first
-CPU_VOCAB = 2048
-GIB = 2**30
-
-
-class SimulatedOOM(Exception):
-    """CPU smoke runs: the analytic peak passed the simulated budget."""
-
-
-def is_oom(e: BaseException) -> bool:
-    """Out of memory: torch's allocator, cuBLAS failing to allocate its workspace, or the
-    CPU run's simulated budget."""
-    return isinstance(e, SimulatedOOM) or is_cuda_oom(e)
-
-
-@dataclass
-class Settings:
-    device: str
-    dtype: torch.dtype
-    preset: str
-    vocab_size: int | None  # None: the preset's
-    layers: int
-    lengths: list[int]  # (a) prefill lengths timed
-    decode_lengths: list[int]  # (c)
-    cp_lengths: list[int]  # (d)
-    search_start: int
-    search_limit: int
-    resolution: int
-    resolution_b: int  # (b)'s search: every try there prefills the whole prompt and decodes
-    head_chunk: int
-    prefill_chunk: int
-    budget_bytes: float | None  # CPU: simulated memory; GPU: None (real OOM)
-    iters: int
-    b_tokens: int | None = None  # (b): one try at this length instead of the search
-
-    @property
-    def cpu(self) -> bool:
-        return self.device == "cpu"
-
-
-def settings_from_args(args) -> Settings:
-    cpu = args.cpu_smoke or not torch.cuda.is_available()
-    if cpu:
-        layers = args.layers or 2
-        return Settings(
-            device="cpu", dtype=torch.float32, preset="tiny", vocab_size=CPU_VOCAB, layers=layers,
-            lengths=[128, 512], decode_lengths=[128, 512], cp_lengths=[512],
-            search_start=64, search_limit=65536, resolution=32, resolution_b=256,
-            head_chunk=128, prefill_chunk=128, budget_bytes=args.cpu_budget_mib * 2**20, iters=1,
-            b_tokens=getattr(args, "b_tokens", None),
-        )
-    layers = args.layers or (4 if args.quick else 48)
-    return Settings(
-        device="cuda", dtype=torch.bfloat16, preset="long-vita-14b", vocab_size=None, layers=layers,
-        lengths=[8192, 32768] if args.quick else [8192, 32768, 131072],
-        decode_lengths=[32768] if args.quick else [32768, 131072],
-        cp_lengths=args.cp_lengths or ([131072] if args.quick else [131072, 262144, 1048576]),
-        # quick: few layers make every prompt fit, so the searches stop at 256K tokens
-        search_start=args.search_start,
-        search_limit=min(args.search_limit, 262144) if args.quick else args.search_limit,
-        resolution=args.resolution * (4 if args.quick else 1),
-        resolution_b=args.resolution * (4 if args.quick else 1),
-        head_chunk=args.head_chunk, prefill_chunk=args.prefill_chunk, budget_bytes=None,
-        iters=1 if args.quick else 3, b_tokens=getattr(args, "b_tokens", None),
-    )
-
-
-# --------------------------------------------------------------------------------------
-# Analytic memory model (bytes); the measurements are the truth, this says what to expect
-# --------------------------------------------------------------------------------------
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def kv_bytes_per_token(cfg, elem: int) -> int:
-    t = cfg.text
-    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * elem
-
-
-def layer_peak(cfg, n: int, elem: int) -> float:
-    """Activations alive at a decoder layer's peak for n tokens: the input embeddings and
-    the residual (kept across layers), the MLP's silu(gate), up and their product, and the
-    RMSNorm's fp32 temporaries (x.float() and its square)."""
-    t = cfg.text
-    return n * (elem * (2 * t.hidden_size + 3 * t.intermediate_size) + 2 * 4 * t.hidden_size)
-
-
-def prefill_peak(cfg, n: int, head: str, elem: int, head_chunk: int) -> float:
-    """Peak activation bytes of a plain prefill of n tokens with ``head`` (weights excluded)."""
-    t = cfg.text
-    if head == "all-logits head":
-        logits = n * t.vocab_size * elem
-    elif head == "chunked head":
-        logits = min(n, head_chunk) * t.vocab_size * elem
-    else:
-        logits = t.vocab_size * 4
-    # at the head: the input embeddings (referenced until the forward returns), the final
-    # hidden states and the logits
-    at_head = 2 * n * t.hidden_size * elem + logits
-    return max(layer_peak(cfg, n, elem), at_head)
-
-
-def generate_peak(cfg, n: int, elem: int, chunk: int) -> float:
-    """Peak bytes (weights excluded) of a chunked prefill of n tokens then 16 decoded:
-    the preallocated KV cache plus one chunk's activations."""
-    one_chunk = prefill_peak(cfg, min(n, chunk), "last-token head", elem, chunk)
-    return kv_bytes_per_token(cfg, elem) * (n + DECODE_TOKENS) + one_chunk
-
-
-def largest_under(peak, budget: float, limit: int) -> int:
-    """The largest n (up to ``limit``) with peak(n) <= budget: the model's prediction."""
-    lo, hi = 0, limit
-    if peak(hi) <= budget:
-        return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
-    return lo
-
-
-# --------------------------------------------------------------------------------------
-# Timing, memory and the largest-prompt search (shared by the GPU and the CPU smoke run)
-# --------------------------------------------------------------------------------------
-
-
-def time_ms(fn, s: Settings, tokens: int = 0) -> float:
-    """Median wall milliseconds of fn() (synchronised; a prefill is long enough that
-    CUDA events add nothing). Kernels are compiled by ``warm_up`` beforehand, so runs past
-    32K tokens (seconds each) are timed once without a warm-up run."""
-    long = tokens > 32768
-    for _ in range(0 if long else 1):
-        fn()
-    sync(s.device)
-    times = []
-    for _ in range(1 if long else s.iters):
-        t0 = time.perf_counter()
-        fn()
-        sync(s.device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def time_and_peak(fn, s: Settings, tokens: int) -> tuple[float, float | None]:
-    """(``time_ms`` of fn, peak GiB allocated above what was allocated before, None on the
-    CPU): the peak is read over the timed runs themselves, so no extra run is needed."""
-    if s.device != "cuda":
-        return time_ms(fn, s, tokens), None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    ms = time_ms(fn, s, tokens)
-    return ms, (torch.cuda.max_memory_allocated() - base) / GIB
-
-
-def search_largest(fits, start: int, limit: int, resolution: int) -> int:
-    """The largest n (to within ``resolution``, at most ``limit``) for which ``fits(n)``
-    is True: double from ``start`` until a failure or ``limit``, then bisect the last gap
-    (below ``start`` when ``start`` itself fails); 0 when nothing fits. ``fits`` is
-    assumed monotone (true up to some n, false after)."""
-    lo, n = 0, start
-    while n <= limit and fits(n):
-        lo, n = n, n * 2
-    hi = n if n <= limit else limit + 1  # the first size known (or taken) not to fit
-    while hi - lo > resolution:
-        mid = (lo + hi) // 2 // resolution * resolution
-        if mid <= lo:
-            break
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
-
-
-def attempt(fn, s: Settings, simulated_peak: float | None = None) -> bool:
-    """Run fn(); False (memory freed) when it ran out of memory. On the CPU the run is
-    refused before it starts when the analytic peak passes the simulated budget."""
-    ok = False
-    try:
-        if s.budget_bytes is not None and simulated_peak is not None and simulated_peak > s.budget_bytes:
-            raise SimulatedOOM(f"{simulated_peak / 2**20:.1f} MiB > budget")
-        fn()
-        sync(s.device)
-        ok = True
-    except Exception as e:
-        if not is_oom(e):
-            raise
-    free_memory(s.device)  # here, after the handler: the exception's frames no longer hold tensors
-    return ok
-
-
-# --------------------------------------------------------------------------------------
-# The model and one setup per case (shared by the speed and memory runs)
-# --------------------------------------------------------------------------------------
-
-
-def build_model(s: Settings) -> LongVITA:
-    """Random weights made directly on the device in the benchmark dtype (no fp32 copy)."""
-    cfg = preset(s.preset)
-    cfg.text.num_layers = s.layers
-    if s.vocab_size:
-        cfg.text.vocab_size = s.vocab_size
-    torch.manual_seed(0)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(s.dtype)
-    try:
-        with torch.device(s.device):
-            model = LongVITA(cfg)
-    finally:
-        torch.set_default_dtype(old)
-    return model.eval().requires_grad_(False)
-
-
-def prompt(model: LongVITA, n: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(n)
-    ids = torch.randint(0, model.config.text.vocab_size, (n,), generator=g)
-    return ids.to(model.lm_head.weight.device)
-
-
-def setup_prefill(model: LongVITA, n: int, head: str, head_chunk: int):
-    """fn() -> the last position's logits (1, V) after a plain prefill of n tokens."""
-    ids = prompt(model, n)
-    last = torch.tensor([n - 1], device=ids.device)
-
-    @torch.inference_mode()
-    def run():
-        hidden = model(model.embed(ids))
-        if head == "all-logits head":
-            return model.logits(hidden)[-1:]
-        if head == "last-token head":
-            return model.logits(hidden, last)
-        for start in range(0, n, head_chunk):  # every chunk's logits computed, only the last row kept
-            logits = None  # the previous chunk's logits go before the next chunk's are made
-            logits = model.lm_head(hidden[start : start + head_chunk])
-        return logits[-1:]
-    return run
-
-
-def setup_generate(model: LongVITA, n: int, chunk: int, new_tokens: int = DECODE_TOKENS):
-    """fn() -> (prefill seconds, decode tokens/s): chunked prefill of n tokens, then
-    ``new_tokens`` greedy tokens from the KV cache."""
-    ids = prompt(model, n)
-
-    def run():
-        t0 = time.perf_counter()
-        stamps = []
-        for _ in generate(model, ids, plan=LocalPlan(prefill_chunk=chunk), max_new_tokens=new_tokens):
-            stamps.append(time.perf_counter())  # sampling reads the token: the device is in step
-        decode_s = stamps[-1] - stamps[0]
-        return stamps[0] - t0, (len(stamps) - 1) / decode_s if decode_s > 0 else float("nan")
-    return run
-
-
-def setup_attention(cfg, n: int, device: str, dtype: torch.dtype):
-    """fn() running one layer's causal attention over n tokens (single GPU, P = 1)."""
-    from longvita.kernels import varlen_attention
-
-    t = cfg.text
-    q = torch.randn(n, t.num_heads, t.head_dim, device=device, dtype=dtype)
-    k = torch.randn(n, t.num_kv_heads, t.head_dim, device=device, dtype=dtype)
-    v = torch.randn(n, t.num_kv_heads, t.head_dim, device=device, dtype=dtype)
-    cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-    return lambda: varlen_attention(q, k, v, cu, cu, n, n, causal=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -466,8 +202,8 @@ def ring_case(cfg, n: int, world: int) -> RingCase:
 
 def cp_predicted_ms(dense_ms: float, layers: int, case: RingCase, block_ms: dict, comm_ms: float) -> float:
     """Context-parallel prefill over ``case.world`` ranks: the dense part split evenly, plus
-    every layer's ring attention as ``bench_ring.predict`` schedules it."""
-    return dense_ms / case.world + layers * predict(case, block_ms, comm_ms)["ring_ms"]
+    every layer's ring attention as ``parallel.costs.predict_ring`` schedules it."""
+    return dense_ms / case.world + layers * predict_ring(case, block_ms, comm_ms)["ring_ms"]
 
 
 def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 4, 8)) -> dict:
@@ -477,7 +213,7 @@ def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 
     but attention) is linear in n, measured once at a length that fits (the prefill minus
     its layers' measured attention); attention(n) is timed at every n (it fits where the
     whole prefill may not). With P ranks: dense(n) / P + layers * the ring's predicted
-    time (bench_ring.predict from this GPU's block timings and the link bandwidth)."""
+    time (``parallel.costs.predict_ring`` from this GPU's block timings and the link bandwidth)."""
     cfg, layers = model.config, model.config.text.num_layers
     n0 = min(s.cp_lengths[0], s.decode_lengths[0])
     try:
@@ -520,17 +256,6 @@ def part_d(model, s: Settings, rows: list[Row], link_gbps: float, worlds=(1, 2, 
                             {"tokens": n, "pred_ms": pred, "speedup": single / pred, "efficiency": single / pred / p}))
             print(f"  (d) N={fmt_tokens(n)} P={p}: predicted {pred:.1f} ms ({single / pred:.2f}x)", file=sys.stderr)
     return predicted
-
-
-def warm_up(model, s: Settings) -> None:
-    """Compile and autotune the kernels on short inputs, so that no timed run pays for it."""
-    n = min(1024, s.lengths[0])
-    with torch.inference_mode():
-        for head in HEADS:
-            setup_prefill(model, n, head, n // 4)()
-    setup_generate(model, n, n // 4, new_tokens=2)()
-    sync(s.device)
-    free_memory(s.device)
 
 
 def title(s: Settings) -> str:

@@ -3,6 +3,8 @@
     python benchmarks/bench_ring.py [--quick] [--out FILE]    # one GPU: ranks simulated in turn
     python benchmarks/bench_ring.py --dry-run [--out FILE]     # any machine: the byte/balance model only
     torchrun --nproc-per-node P benchmarks/bench_ring.py       # P GPUs: the real ring, measured vs predicted
+    python benchmarks/bench_ring.py --hybrid [--quick]         # one GPU: ring vs Ulysses vs hybrid at 8-64 GPUs
+    python benchmarks/bench_ring.py --hybrid --dry-run         # any machine: the same from FLOPs (no timings)
     pytest benchmarks/bench_ring.py --benchmark-only           # pytest-benchmark (GPU; skips without one)
 
 Shapes: Qwen2.5-14B attention (40 q heads, 8 kv heads, head_dim 128), bf16, causal, one
@@ -29,6 +31,15 @@ the attention work with free communication.
 
 Under torchrun it runs ``ring_attention`` for real over NCCL and prints the measured
 time next to the prediction from this GPU's block timings.
+
+``--hybrid``: per decoder layer at 8, 16, 32 and 64 GPUs in nodes of 8 (NVLink
+``--link-gbps`` inside, InfiniBand ``--inter-gbps`` per GPU between nodes), the plain
+ring, pure Ulysses where the 40 query heads allow it (8 at most here) and Ulysses inside
+each node with the ring across nodes: the bytes each rank sends (ring K/V blocks,
+all-to-alls) and the predicted forward + backward attention time
+(``longvita.parallel.costs.predict_cp_layer``), from this GPU's timings of each ring
+block shape (or, with ``--dry-run``, from FLOPs at ``--tflops``). Only predictions: no
+machine with more than one GPU has been available to measure a real hybrid run.
 """
 
 from __future__ import annotations
@@ -36,85 +47,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Row, pytest_benchmark_median, gpu_only, print_table, time_cuda, write_json  # noqa: E402
+from common import Row, gpu_only, print_table, pytest_benchmark_median, setup_block, time_cuda, write_json  # noqa: E402
 
 from longvita.parallel import visible_pairs_per_rank, zigzag_layout  # noqa: E402
+from longvita.parallel.costs import KINDS, Links, RingCase, estimate_block_ms, predict_cp_layer  # noqa: E402
+from longvita.parallel.costs import predict_ring as predict  # noqa: E402
 
 NAME = "ring"
 TITLE = "Zigzag ring attention (bf16, causal): per-step compute, balance, traffic, predicted efficiency"
 METRICS = ["local_tokens", "kv_mib_step", "comm_ms_step", "fwd_step_ms", "fwd_balance", "fwd_pred_eff",
            "bwd_step_ms", "bwd_balance", "bwd_pred_eff", "measured_ms", "predicted_ms"]
-KINDS = ("diag", "before", "after")
 
 
-@dataclass(frozen=True)
-class Case:
-    tokens: int
-    world: int
-    hq: int = 40
-    hkv: int = 8
-    d: int = 128
-    elem_bytes: int = 2  # bf16
-
-    @property
-    def name(self) -> str:
-        return f"{self.tokens // 1024}K P={self.world}"
-
-    @property
-    def cu_seqlens(self) -> torch.Tensor:
-        return torch.tensor([0, self.tokens], dtype=torch.int32)
-
-    def local_tokens(self) -> int:
-        return zigzag_layout(self.cu_seqlens, self.world).total_local
-
-    def kv_bytes_fwd(self) -> int:
-        return 2 * self.local_tokens() * self.hkv * self.d * self.elem_bytes
-
-    def kv_bytes_bwd(self) -> int:
-        return self.kv_bytes_fwd() + 2 * self.local_tokens() * self.hkv * self.d * 4  # + fp32 dK/dV
-
-    def pairs(self, kind: str) -> int:
-        """Query-key pairs one block of ``kind`` computes (padding included)."""
-        c = zigzag_layout(self.cu_seqlens, self.world).chunk
-        if kind == "diag":
-            return int((2 * c * (2 * c + 1) // 2).sum())
-        return int((2 * c * c).sum())
-
-    def flops(self, kind: str, backward: bool = False) -> float:
-        return 4.0 * self.pairs(kind) * self.hq * self.d * (2.5 if backward else 1.0)
-
-
-def cases(quick: bool = False) -> list[Case]:
+def cases(quick: bool = False) -> list[RingCase]:
     tokens = [131072] if quick else [131072, 262144, 524288, 1048576]
     worlds = [2, 4] if quick else list(range(2, 9))
-    return [Case(t, p) for t in tokens for p in worlds]
-
-
-def kind_of(rank: int, step: int, world: int) -> str:
-    src = (rank - step) % world
-    return "diag" if src == rank else ("before" if src < rank else "after")
-
-
-def predict(case: Case, block_ms: dict[str, float], comm_ms: float) -> dict:
-    """Ring schedule from per-kind block times: per-step time, balance, predicted time and efficiency."""
-    p = case.world
-    table = [[block_ms[kind_of(r, i, p)] for i in range(p)] for r in range(p)]  # (rank, step) ms
-    per_step = [max(table[r][i] for r in range(p)) for i in range(p)]
-    ring_ms = sum(max(t, comm_ms if i + 1 < p else 0.0) for i, t in enumerate(per_step))
-    rank_totals = [sum(row) for row in table]
-    mean = sum(rank_totals) / p
-    return {
-        "step_ms": max(per_step),
-        "balance": max(rank_totals) / mean,
-        "ring_ms": ring_ms,
-        "efficiency": mean / ring_ms,
-    }
+    return [RingCase(t, p) for t in tokens for p in worlds]
 
 
 # --------------------------------------------------------------------------------------
@@ -122,32 +75,7 @@ def predict(case: Case, block_ms: dict[str, float], comm_ms: float) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def setup_block(case: Case, kind: str, backward: bool, device="cuda"):
-    """fn() computing rank 1's block of ``kind`` (forward + merge, or backward) on ``device``."""
-    from longvita.parallel.ring import ring_block
-    from longvita.kernels import lse_merge_, varlen_attention_bwd, varlen_attention_fwd
-
-    layout = zigzag_layout(case.cu_seqlens, case.world, device)
-    n, dt = layout.total_local, torch.bfloat16
-    q = torch.randn(n, case.hq, case.d, device=device, dtype=dt)
-    k = torch.randn(n, case.hkv, case.d, device=device, dtype=dt)
-    v = torch.randn(n, case.hkv, case.d, device=device, dtype=dt)
-    rank = 1 if kind != "after" else 0  # a rank for which this kind exists (P >= 2)
-    src = {"diag": rank, "before": 0, "after": 1}[kind]
-    cu_q, cu_k, max_q, max_k, causal = ring_block(layout, rank, src, True)
-    out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
-    if backward:
-        dout = torch.randn_like(out)
-        return lambda: varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal)
-    acc_out, acc_lse = out.float(), lse.clone()
-
-    def fwd():
-        o, s = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
-        lse_merge_(acc_out, acc_lse, o, s)
-    return fwd
-
-
-def measure_blocks(case: Case, quick: bool) -> dict[str, dict[str, float]]:
+def measure_blocks(case: RingCase, quick: bool) -> dict[str, dict[str, float]]:
     times = {}
     for backward in (False, True):
         for kind in KINDS:
@@ -229,7 +157,7 @@ def distributed(args) -> int:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     rows = []
     for tokens in ([131072] if args.quick else [131072, 262144, 524288, 1048576]):
-        case = Case(tokens, world)
+        case = RingCase(tokens, world)
         layout = zigzag_layout(case.cu_seqlens, world, "cuda")
         n = layout.total_local
         q = torch.randn(n, case.hq, case.d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -264,13 +192,90 @@ def distributed(args) -> int:
     return 0
 
 
+HYBRID_NAME = "ring_hybrid"
+HYBRID_METRICS = ["gpus", "ulysses", "ring", "ring_mib", "a2a_mib", "fwd_ms", "bwd_ms", "step_ms", "step_eff"]
+
+
+def hybrid_layouts(gpus: int, hq: int = 40, hkv: int = 8, node: int = 8) -> list[tuple[str, int]]:
+    """(name, Ulysses degree) of the layouts compared at ``gpus`` ranks: the plain ring,
+    pure Ulysses where the heads allow it, and Ulysses inside each node with the ring
+    across nodes (or, on one node, half the node)."""
+    def valid(u):
+        return gpus % u == 0 and hq % u == 0 and (hkv % u == 0 or u % hkv == 0)
+
+    out = [("ring", 1)]
+    if valid(gpus):
+        out.append((f"ulysses {gpus}", gpus))
+    u = node if gpus > node else node // 2
+    if u < gpus and valid(u):
+        out.append((f"hybrid: ulysses {u} x ring {gpus // u}", u))
+    return out
+
+
+def hybrid(args, measured: bool) -> int:
+    """Ring, Ulysses and hybrid per decoder layer at 8-64 GPUs in nodes of 8: bytes each
+    rank sends and the predicted attention forward + backward, from this GPU's block
+    timings (``measured``) or from FLOPs at ``--tflops``."""
+    links = Links(args.link_gbps, args.inter_gbps, 8)
+    cache: dict[tuple, dict] = {}
+
+    def blocks(case: RingCase, backward: bool) -> dict[str, float]:
+        key = (case.tokens, case.world, case.hq, case.hkv, backward)
+        if key not in cache:
+            if measured:
+                cache[key] = {}
+                for kind in (KINDS if case.world > 1 else ("diag",)):
+                    fn = setup_block(case, kind, backward)
+                    cache[key][kind] = time_cuda(fn, warmup=1, iters=2 if args.quick else 5)
+                    del fn
+                    torch.cuda.empty_cache()
+            else:
+                cache[key] = estimate_block_ms(case, args.tflops, backward)
+        return cache[key]
+
+    rows = []
+    tokens_list = [131072] if args.quick else args.hybrid_tokens
+    for tokens in tokens_list:
+        for gpus in (8, 16, 32, 64):
+            for name, u in hybrid_layouts(gpus):
+                fwd = predict_cp_layer(tokens, gpus, u, lambda c: blocks(c, False), links)
+                bwd = predict_cp_layer(tokens, gpus, u, lambda c: blocks(c, True), links, backward=True)
+                step = fwd["total_ms"] + bwd["total_ms"]
+                ideal = fwd["efficiency"] * fwd["total_ms"] + bwd["efficiency"] * bwd["total_ms"]
+                rows.append(Row(f"{tokens // 1024}K on {gpus} GPUs", name, {
+                    "gpus": gpus, "ulysses": u, "ring": gpus // u,
+                    "ring_mib": (fwd["ring_bytes"] + bwd["ring_bytes"]) / 2**20,
+                    "a2a_mib": (fwd["all_to_all_bytes"] + bwd["all_to_all_bytes"]) / 2**20,
+                    "fwd_ms": fwd["total_ms"], "bwd_ms": bwd["total_ms"], "step_ms": step, "step_eff": ideal / step,
+                }))
+    source = "this GPU's block timings" if measured else f"FLOPs at {args.tflops:g} TFLOP/s (no GPU timings)"
+    title = (f"Context parallelism per decoder layer, Qwen2.5-14B attention (40/8 heads, bf16, causal), nodes of 8 "
+             f"GPUs: NVLink {args.link_gbps:g} GB/s, InfiniBand {args.inter_gbps:g} GB/s per GPU; blocks from {source}")
+    print_table(title, rows, HYBRID_METRICS)
+    if measured or getattr(args, "out", None):  # a FLOP model is no measurement: JSON only when asked
+        write_json(HYBRID_NAME, title, rows, HYBRID_METRICS, args.out)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases and iterations")
     parser.add_argument("--dry-run", action="store_true", help="print the traffic/balance model only (no device)")
-    parser.add_argument("--link-gbps", type=float, default=450.0, help="link bandwidth per direction, GB/s")
+    parser.add_argument("--link-gbps", type=float, default=450.0, help="link bandwidth per direction, GB/s (NVLink)")
+    parser.add_argument("--hybrid", action="store_true",
+                        help="ring vs Ulysses vs hybrid at 8-64 GPUs per layer (with --dry-run: from FLOPs)")
+    parser.add_argument("--inter-gbps", type=float, default=50.0, help="--hybrid: InfiniBand bandwidth per GPU, GB/s")
+    parser.add_argument("--tflops", type=float, default=400.0,
+                        help="--hybrid --dry-run: attention TFLOP/s standing in for block timings "
+                             "(400: the H100's measured packed bf16 forward)")
+    parser.add_argument("--hybrid-tokens", type=lambda v: [int(x) for x in v.split(",")], default=[131072, 524288],
+                        help="--hybrid: sequence lengths, comma-separated")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/ring.json)")
     args = parser.parse_args(argv)
+    if args.hybrid and (args.dry_run or not torch.cuda.is_available()):
+        return hybrid(args, measured=False)
+    if args.hybrid and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return hybrid(args, measured=True)
     if args.dry_run:
         return dry_run(args)
     if not torch.cuda.is_available():
@@ -292,7 +297,7 @@ def main(argv=None) -> int:
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_ring_block(benchmark, kind, backward):
-    case = Case(131072, 4)
+    case = RingCase(131072, 4)
     fn = setup_block(case, kind, backward)
 
     median_s = pytest_benchmark_median(benchmark, fn, f"{case.name} {kind}")

@@ -50,6 +50,9 @@ from ``torch.cuda.get_device_name``); other devices (and the CPU) report MFU as 
 Without CUDA (or with ``--cpu-smoke``) the same code runs on the ``tiny`` preset in fp32
 with a few hundred tokens on one thread, in seconds, so CI exercises it; CPU numbers say
 nothing about GPU performance and there is no peak memory or MFU.
+
+``pred_gib`` is ``longvita plan``'s prediction of the row's peak (``runtime.capacity``),
+for the decoder kernels as they run now (the fused ones).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ from longvita.runtime.train.parallelize import AC_POLICIES, apply_activation_che
 from longvita.model import LongVITA, preset  # noqa: E402
 
 NAME = "train"
-METRICS = ["tokens", "ms", "tok_s", "tflops", "mfu", "mfu_target", "gib", "trainable"]
+METRICS = ["tokens", "ms", "tok_s", "tflops", "mfu", "mfu_target", "gib", "pred_gib", "trainable"]
 # peak dense bf16 FLOP/s by device-name substring (SXM parts; the H200 shares the H100's)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}
 MFU_TARGET = 0.45  # at 128K tokens on an H100
@@ -207,13 +210,23 @@ def setup_step(model: LongVITA, s: Settings):
     return step
 
 
+def predicted_gib(model: LongVITA, s: Settings, stage: str, policy: str) -> float:
+    """``longvita plan``'s peak for this row (``runtime.capacity.train_memory``): this
+    step's optimizer runs torch's default foreach AdamW; fp32 without autocast on the CPU."""
+    from longvita.runtime.capacity import GIB, train_memory
+
+    plan = train_memory(model.config, s.tokens, stage=int(stage.split()[-1]), activation_checkpointing=policy,
+                        precision="bf16" if s.autocast else "fp32", tiles=s.tiles, optimizer_foreach=True)
+    return plan.peak_bytes / GIB
+
+
 def measure(s: Settings, stage: str, policy: str) -> dict:
     """The metrics of one row; ``{"tokens": T}`` alone when the step ran out of memory."""
     model = build_model(s, stage, policy)
     step = setup_step(model, s)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = model_flops(model, s.tokens, s.tiles)
-    metrics = {"tokens": s.tokens, "trainable": trainable / 1e6}
+    metrics = {"tokens": s.tokens, "trainable": trainable / 1e6, "pred_gib": predicted_gib(model, s, stage, policy)}
     try:
         loss = step()  # warm-up: kernels compiled, the optimizer's state allocated
         sync(s.device)

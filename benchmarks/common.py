@@ -199,3 +199,33 @@ def is_cuda_oom(e: BaseException) -> bool:
 def fmt_tokens(n: int) -> str:
     """1024-multiples as K (131072 -> 128K)."""
     return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def setup_block(case, kind: str, backward: bool, device="cuda"):
+    """fn() computing one ring block of ``kind`` (``longvita.parallel.costs.KINDS``) of
+    ``case`` (a ``RingCase``) on ``device`` as rank 1 of its ring would (rank 0 for
+    ``after``): forward + LSE merge into an accumulator, or backward. Shared by
+    ``bench_ring.py`` (per-step compute) and ``bench_prefill.py`` (the CP model)."""
+    from longvita.kernels import lse_merge_, varlen_attention_bwd, varlen_attention_fwd
+    from longvita.parallel import zigzag_layout
+    from longvita.parallel.ring import ring_block
+
+    layout = zigzag_layout(case.cu_seqlens, case.world, device)
+    n, dt = layout.total_local, torch.bfloat16
+    q = torch.randn(n, case.hq, case.d, device=device, dtype=dt)
+    k = torch.randn(n, case.hkv, case.d, device=device, dtype=dt)
+    v = torch.randn(n, case.hkv, case.d, device=device, dtype=dt)
+    rank = 0 if kind == "after" or case.world == 1 else 1  # a rank for which this kind exists
+    src = {"diag": rank, "before": 0, "after": 1}[kind]
+    cu_q, cu_k, max_q, max_k, causal = ring_block(layout, rank, src, True)
+    out, lse = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
+    if backward:
+        dout = torch.randn_like(out)
+        return lambda: varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=causal)
+    acc_out, acc_lse = out.float(), lse.clone()
+
+    def fwd():
+        o, s = varlen_attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
+        lse_merge_(acc_out, acc_lse, o, s)
+    return fwd
+

@@ -11,7 +11,7 @@ import os
 from longvita.cli.errors import UsageError
 
 __all__ = ["DEFAULT_TIMEOUT_S", "MAX_TILES", "check_device", "check_file", "check_int", "check_model", "check_number",
-           "check_out_dir", "check_seed", "check_text", "check_timeout", "depth_list", "int_list"]
+           "check_out_dir", "check_seed", "check_text", "check_timeout", "depth_list", "int_list", "token_count"]
 
 # torch.distributed's own default is 30 minutes: a stalled rank would hold the others that long
 DEFAULT_TIMEOUT_S = 600
@@ -118,6 +118,18 @@ def int_list(flag: str, text: str, maximum: int | None = None) -> tuple[int, ...
     if maximum is not None and max(values) > maximum:
         raise UsageError(f"{flag}: {max(values)} is more than {maximum}")
     return values
+
+
+def token_count(flag: str, text, maximum: int = 1 << 30) -> int:
+    """A token count: an integer, or with a K (x1024) or M (x1048576) suffix: 131072, 128K, 1M."""
+    if not isinstance(text, str) or not text.strip():
+        raise UsageError(f"{flag} must be a token count such as 131072, 128K or 1M, got {text!r}")
+    t = text.strip().upper()
+    scale = {"K": 1024, "M": 1024 * 1024}.get(t[-1], 1)
+    digits = t[:-1] if scale > 1 else t
+    if not digits.isdigit():
+        raise UsageError(f"{flag} must be a token count such as 131072, 128K or 1M, got {text!r}")
+    return check_int(flag, int(digits) * scale, 1, maximum, unit=" tokens")
 
 
 def depth_list(text: str) -> tuple[float, ...]:

@@ -1,7 +1,7 @@
 """The ``longvita`` command: the parser of every command and the error rule at its edge.
 
 Each command lives in its own module (``generate``, ``train``, ``eval_niah``,
-``eval_demo``, ``info``) with a frozen options object built from its flags by the
+``eval_demo``, ``plan``, ``info``) with a frozen options object built from its flags by the
 ``checks`` layer before torch is imported. ``main`` prints the project's own errors as one
 line on stderr (exit 1), once under torchrun; any other exception keeps its traceback."""
 
@@ -11,7 +11,7 @@ import argparse
 import sys
 import warnings
 
-from longvita.cli import eval_demo, eval_niah, generate, info, train
+from longvita.cli import eval_demo, eval_niah, generate, info, plan, train
 from longvita.cli.errors import EXIT_INPUT, EXIT_INTERRUPTED, is_user_error, one_line, rank
 
 __all__ = ["build_parser", "main"]
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     esub = e.add_subparsers(dest="eval_command", required=True, parser_class=_Parser)
     eval_niah.add_parser(esub, fmt)
     eval_demo.add_parser(esub, fmt)
+    plan.add_parser(sub, fmt)
     info.add_parser(sub, fmt)
     return p
 

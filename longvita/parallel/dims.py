@@ -49,8 +49,11 @@ class ParallelDims:
 
     @property
     def fsdp(self) -> bool:
-        """Whether parameters are sharded (more than one data-parallel group)."""
-        return self.dp > 1
+        """Whether parameters are sharded: whenever there is more than one rank, over all of
+        them (data- and context-parallel alike, as torchtitan's dp_shard x cp): a 14B model's
+        fp32 weights, gradients and AdamW moments (240 GB) fit no GPU whole, whatever the
+        context parallelism does for the activations."""
+        return self.world > 1
 
     def build(self, device_type: str):
         """This rank's ``parallel.mesh.Mesh`` (see ``build_mesh``)."""

@@ -8,9 +8,9 @@ Parallelism (world W ranks, ``cp`` dividing W): ranks in consecutive blocks of `
 form context-parallel groups (each group computes one pack, zigzag-sharded); the ranks
 ``r, r+cp, ...`` form the data-parallel groups. Each data-parallel group reads its own
 strided part of the data (``PackStream.shard``), so a rank tokenises only its own packs.
-With W > cp the parameters are sharded by FSDP2 over every rank and gradients summed
-through ``sum_gradients_loss``; with W == cp > 1 every rank holds the whole model and the
-gradients are summed with ``all_reduce_gradients``.
+With W > 1 the parameters are sharded by FSDP2 over every rank (context-parallel ranks
+included: the weights and optimizer state of a 14B model fit no GPU whole) and gradients
+summed through ``sum_gradients_loss``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from longvita.common import LongVITAError
 from longvita.parallel import ParallelDims, check_ulysses_heads, rank_world
 from longvita.runtime.train.checkpoint import CheckpointManager, latest_checkpoint
-from longvita.runtime.train.loss import all_reduce_gradients, packed_loss
+from longvita.runtime.train.loss import packed_loss
 from longvita.runtime.train.parallelize import parallelize, sum_gradients_loss
 from longvita.runtime.train.recipe import StageRecipe, lr_factor
 
@@ -174,8 +174,6 @@ class Trainer:
                 f"(last good checkpoint: {last if last else 'none'})")
         if loss.requires_grad:  # not when only the projector trains and no rank has media
             (sum_gradients_loss(loss, self.mesh.fsdp) if self.sharded else loss).backward()
-        if not self.sharded and self.dims.world > 1:
-            all_reduce_gradients(self.model, self.mesh.cp_group)
         grad_norm = None
         if self.recipe.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.recipe.grad_clip, foreach=False))
