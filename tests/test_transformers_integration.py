@@ -262,6 +262,32 @@ def test_bad_input_raises_clearly():
         model.train()(input_ids=ids)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_packed_logits_and_fused_loss_within_twice_sdpa_error():
+    """On a GPU (Triton kernels), bf16: the packed batch's logits and the fused loss are at most
+    2x (+ eps) as far from float64 SDPA as transformers' own bf16 SDPA model is."""
+    lengths = [1, 127, 300, 64, 511]  # not multiples of any block size
+    ref64 = _causal_lm("qwen2", torch.float64, heads=5, kv_heads=1).cuda()
+    ref16 = copy.deepcopy(ref64).to(torch.bfloat16)
+    attention_only = apply_longvita(copy.deepcopy(ref16), fused_loss=False)
+    fused = apply_longvita(copy.deepcopy(ref16))
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _packed(lengths, True).items()}
+    explicit = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                    attention_mask=_block_diagonal(lengths).cuda())
+    with torch.no_grad():
+        want = ref64(**explicit)
+        base = ref16(**explicit)  # transformers' loss: bf16 logits cast to fp32
+        got_logits = attention_only(**batch).logits
+        got_loss = fused(**batch).loss
+    want_loss = _reference_loss(want.logits, batch["labels"]).item()
+
+    def err(x):
+        return (x.double() - want.logits).abs().max().item()
+
+    assert err(got_logits) <= 2 * err(base.logits) + 1e-3, (err(got_logits), err(base.logits))
+    assert abs(got_loss.item() - want_loss) <= 2 * abs(base.loss.item() - want_loss) + 1e-3
+
+
 # --------------------------------------------------------------------------------------
 # apply_longvita: the fused loss
 # --------------------------------------------------------------------------------------
@@ -508,3 +534,51 @@ def test_import_longvita_does_not_import_transformers():
             "assert 'transformers' not in sys.modules, 'transformers imported'\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr
+
+
+def _readme_block(tag: str) -> str:
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    return readme.split(f"<!-- example: {tag} -->", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def _user_env() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # a user's shell
+    return env
+
+
+def test_readme_examples_run(tmp_path):
+    """The README's attention and apply_longvita examples run as written."""
+    for tag in ("hf-attention", "hf-apply"):
+        script = tmp_path / f"{tag}.py"
+        script.write_text(_readme_block(tag))
+        r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=_user_env(),
+                           timeout=300, cwd=tempfile.gettempdir())
+        assert r.returncode == 0, (tag, r.stderr[-3000:])
+        assert "tensor(" in r.stdout, (tag, r.stdout)
+    assert r.stdout.rstrip().endswith("None")  # apply_longvita: no logits
+
+
+def test_readme_context_parallel_example_runs(tmp_path):
+    """The README's context-parallel example runs under torchrun on 2 gloo ranks and prints the
+    loss one process computes (SDPA without a cache, fp32)."""
+    import re
+
+    script = tmp_path / "example.py"
+    script.write_text(_readme_block("hf-context-parallel"))
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        capture_output=True, text=True, env=_user_env(), timeout=300, cwd=tempfile.gettempdir(),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = re.search(r"2 ranks, (\d+) rows each, loss ([0-9.]+)", r.stdout)
+    assert found is not None, r.stdout
+    torch.manual_seed(0)  # the example's model and batch, in one process
+    config = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=1000)
+    model = transformers.Qwen2ForCausalLM(config)
+    batch = transformers.DataCollatorWithFlattening()([{"input_ids": list(range(1, n + 1))} for n in (50, 9, 31)])
+    with torch.no_grad():
+        want = model(**batch, use_cache=False).loss.item()  # (with a cache SDPA would see across documents)
+    assert abs(float(found.group(2)) - want) <= 1e-5 * abs(want), (found.group(2), want)
+    assert int(found.group(1)) == 2 * sum(-(-n // 4) for n in (50, 9, 31))  # every document padded to 2P chunks
