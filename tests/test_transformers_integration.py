@@ -248,6 +248,36 @@ def test_generate_gives_the_unpatched_models_tokens(family, window):
     assert torch.equal(ours.generate(prompt[1:], **options), want)
 
 
+def test_layout_is_built_once_per_forward(monkeypatch):
+    """Every layer gets the same mask / position tensor: the layout (and its host sync) is
+    made on the first of 3 layers and reused; a new or modified tensor makes a new one."""
+    from longvita.integrations.transformers import attention
+
+    built = []
+    for name in ("_padding_layout", "_position_layout", "_offsets_layout"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _real=real, _name=name: built.append(_name) or _real(*a))
+    model = apply_longvita(_causal_lm("qwen2", layers=3))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, VOCAB, (2, 8)), attention_mask=mask)
+        assert built == ["_padding_layout"]
+        batch = _packed([3, 5], flash_kwargs=False)
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        assert built == ["_padding_layout", "_position_layout"]
+        batch = _packed([3, 5], flash_kwargs=True)
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+        assert built[2:] == ["_offsets_layout"]
+        positions = batch["position_ids"]
+        model(input_ids=batch["input_ids"], position_ids=positions)
+        positions[0, 3:] = torch.arange(3, 8)  # in place: one document now, so a new layout
+        out = model(input_ids=batch["input_ids"], position_ids=positions).logits
+        assert built[3:] == ["_position_layout", "_position_layout"]
+        whole = model(input_ids=batch["input_ids"]).logits  # positions 0..7 by default
+        assert _rel(out, whole) < 1e-12
+
+
 def test_bad_input_raises_clearly():
     model = apply_longvita(_causal_lm("qwen2"))
     ids = torch.randint(0, VOCAB, (1, 6))
@@ -510,6 +540,32 @@ def test_shard_batch_rows_and_refusals():
         assert torch.isfinite(model(**out).loss)
     with pytest.raises(ValueError, match="longvita"):  # ... an SDPA model refuses them
         apply_longvita(_causal_lm("qwen2"), attention=False)(**out)
+
+
+def test_internvl_context_parallel_through_inputs_embeds():
+    """InternVL under context parallelism: the images are placed into inputs_embeds (every
+    rank encodes them), shard_batch cuts the embeddings; one process (P = 1, the ring of one
+    rank) gives the unsharded loss and gradients, vision tower included. pixel_values in a
+    sharded batch are refused (a shard cuts through images)."""
+    ref, inputs = _loss_case("internvl")
+    ours = _patched(ref)
+    want = ours(**inputs).loss
+    want.backward()
+    want_grads = _grads(ours)
+    ours.zero_grad()
+
+    model = context_parallel(ours)
+    ids, labels, pixels = inputs["input_ids"], inputs["labels"], inputs["pixel_values"]
+    embeds = model.get_input_embeddings()(ids)
+    features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    embeds = embeds.masked_scatter((ids == IMAGE_TOKEN)[..., None].expand_as(embeds), features.to(embeds.dtype))
+    local = shard_batch({"inputs_embeds": embeds, "labels": labels})
+    got = model(**local).loss
+    got.backward()
+    assert abs(got.item() - want.item()) <= 1e-12 * abs(want.item())
+    _assert_grads_equal(_grads(model), want_grads)
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(**shard_batch({"input_ids": ids, "labels": labels}), pixel_values=pixels)
 
 
 # --------------------------------------------------------------------------------------

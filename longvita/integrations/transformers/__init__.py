@@ -6,8 +6,8 @@ context parallelism for transformers' decoders. Importing this package imports t
   ..., attn_implementation="longvita")`` or ``model.set_attn_implementation("longvita")``.
   Packed batches (``DataCollatorWithFlattening``: ``cu_seq_lens_q/k`` or restarting
   ``position_ids``), padded batches, ``generate()`` with transformers' KV caches, sliding
-  windows, GQA without repeating K/V; exact (float64 equals eager attention with the
-  block-diagonal mask).
+  windows, GQA without repeating K/V; exact (in float64 it equals SDPA with the explicit
+  block-diagonal, padding or window mask, logits and gradients).
 - ``apply_longvita(model, attention=True, fused_loss=True)`` (``patch.py``): the attention
   above and, when ``labels`` are passed, the loss from the fused linear cross-entropy (no
   logits) for Qwen2/Qwen2.5, Qwen3, Llama, Mistral causal LMs and InternVL.
