@@ -248,6 +248,27 @@ def test_generate_gives_the_unpatched_models_tokens(family, window):
     assert torch.equal(ours.generate(prompt[1:], **options), want)
 
 
+def test_cache_slots_past_the_mask_are_not_keys():
+    """A static cache hands over all its slots with a mask as long as the tokens so far: the
+    slots past the mask are no keys (flash-attention's rule); the rest is padded causal
+    attention, bottom-right aligned (GQA 2:1, a left-padded row)."""
+    from longvita.integrations.transformers import longvita_attention
+
+    module = torch.nn.Module()
+    module.is_causal = True
+    q = torch.randn(2, 4, 3, 8, dtype=torch.float64)  # 3 new tokens ...
+    k, v = (torch.randn(2, 2, 16, 8, dtype=torch.float64) for _ in range(2))  # ... a cache of 16 slots, 9 used
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :2] = False
+    got, weights = longvita_attention(module, q, k, v, mask, scaling=0.3)
+    assert weights is None and got.shape == (2, 3, 4, 8)
+    pos = torch.arange(9)
+    visible = mask[:, None, :] & (pos[None, None, :] <= pos[6:][None, :, None])  # (B, 3 queries, 9 keys)
+    want = F.scaled_dot_product_attention(q, k[:, :, :9].repeat_interleave(2, 1), v[:, :, :9].repeat_interleave(2, 1),
+                                          attn_mask=visible[:, None], scale=0.3)
+    assert _rel(got, want.transpose(1, 2)) < 1e-12
+
+
 def test_layout_is_built_once_per_forward(monkeypatch):
     """Every layer gets the same mask / position tensor: the layout (and its host sync) is
     made on the first of 3 layers and reused; a new or modified tensor makes a new one."""
@@ -341,7 +362,7 @@ def _loss_case(family):
     return ref, dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama", "internvl"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama", "mistral", "internvl"])
 @pytest.mark.parametrize("num_items", [None, 7])
 def test_apply_longvita_loss_and_every_gradient_equal_the_unpatched_model(family, num_items):
     ref, inputs = _loss_case(family)
