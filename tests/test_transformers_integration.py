@@ -17,6 +17,7 @@ itself on tiny random models built here (nothing downloads):
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -400,6 +401,20 @@ def test_fused_loss_options():
         assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], ours(**inputs, labels=labels).loss)
         real = inputs["attention_mask"].bool()  # (padding rows: zeros here, whatever SDPA gives there)
         assert _rel(ours(**inputs).logits[real], logits[real]) < 1e-12
+
+
+def test_a_deep_copy_of_a_patched_model_is_its_own_model():
+    """copy.deepcopy (as TRL makes reference models) gives a model whose forward runs the
+    copy's weights, patched as the original."""
+    ref, inputs = _loss_case("qwen2")
+    ours = apply_longvita(ref)
+    clone = copy.deepcopy(ours)
+    with torch.no_grad():
+        clone.lm_head.weight.zero_()  # uniform predictions: loss log(V)
+        assert abs(clone(**inputs).loss.item() - math.log(VOCAB)) < 1e-12
+        assert clone(**inputs).logits is None and clone.config._attn_implementation == "longvita"
+        assert ours(**inputs).loss.item() > math.log(VOCAB) + 0.1  # the original keeps its weights
+        assert clone(input_ids=inputs["input_ids"]).logits.abs().max() == 0
 
 
 def test_unsupported_class_raises_one_line():

@@ -62,10 +62,10 @@ def model_kind(model, caller: str = "apply_longvita") -> str:
 @dataclasses.dataclass
 class ForwardOptions:
     """What the installed forward of one model instance does (set by apply_longvita and
-    context_parallel)."""
+    context_parallel). Kept in the instance's ``__dict__`` and read from there on every
+    call, so a ``copy.deepcopy`` of the model (TRL's reference models) is a model of its own."""
 
-    original: object  # the class's forward, bound to the model
-    positional: tuple[str, ...]  # its positional parameter names
+    positional: tuple[str, ...]  # the class forward's positional parameter names
     fused_loss: bool = False
     cp: bool = False  # context_parallel applied: cp_group / cp_world below hold
     cp_group: object = None
@@ -87,17 +87,16 @@ def install_forward(model) -> ForwardOptions:
     options = model.__dict__.get("_longvita_forward")
     if options is not None:
         return options
-    original = type(model).forward.__get__(model)
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    positional = tuple(p.name for p in inspect.signature(original).parameters.values() if p.kind in kinds)
-    options = ForwardOptions(original=original, positional=positional)
+    signature = inspect.signature(type(model).forward.__get__(model))
+    options = ForwardOptions(positional=tuple(p.name for p in signature.parameters.values() if p.kind in kinds))
 
     @functools.wraps(type(model).forward)  # inspect.signature (HF Trainer) sees the class's parameters
-    def forward(self, *args, **kwargs):
-        return _forward(self, options, args, kwargs)
+    def forward(self, *args, **kwargs):  # closes over nothing: a deep copy rebinds it to the copy
+        return _forward(self, self.__dict__["_longvita_forward"], args, kwargs)
 
-    model.forward = types.MethodType(forward, model)
     model.__dict__["_longvita_forward"] = options
+    model.forward = types.MethodType(forward, model)
     return options
 
 
@@ -113,7 +112,7 @@ def _forward(model, options: ForwardOptions, args: tuple, kwargs: dict):
     if shard is not None or options.cp:
         _check_context_parallel(model, options, shard, kwargs)
     if not options.fused_loss or kwargs.get("labels") is None:
-        return options.original(**kwargs)
+        return type(model).forward(model, **kwargs)  # the class's own
     return _fused_loss_forward(model, kwargs)
 
 
