@@ -20,6 +20,8 @@ ALLOWED = {
     "parallel": {"common", "files", "_ext", "kernels", "model"},
     "runtime": {"common", "files", "_ext", "kernels", "model", "data", "parallel", "pipeline"},
     "eval": {"common", "files", "_ext", "kernels", "model", "data", "parallel", "pipeline", "runtime"},
+    # beside runtime: may use what runtime may, and runtime itself; nothing imports it
+    "integrations": {"common", "files", "_ext", "kernels", "model", "data", "parallel", "pipeline", "runtime"},
     "cli": {"common", "files", "_ext", "kernels", "model", "data", "parallel", "pipeline", "runtime", "eval",
             "__version__"},
 }
@@ -83,3 +85,25 @@ def test_the_probe_catches_an_upward_import(tmp_path, monkeypatch):
         assert "model/bad.py:2 imports longvita.parallel" in str(exc)
     else:
         raise AssertionError("the upward import was not found")
+
+
+def test_kernel_families_are_modules_named_apart_from_their_functions():
+    """``import longvita.kernels.attention`` gives the family's package and
+    ``longvita.kernels.varlen_attention`` is the function (issue 26: a package re-exporting a
+    function of its own submodule's name made ``import longvita.kernels.varlen_attention``
+    return the function). No name the package exports is the name of one of its modules."""
+    import importlib
+    import pkgutil
+    import types
+
+    kernels = importlib.import_module("longvita.kernels")
+    families = {"attention": "varlen_attention", "lm_head": "linear_cross_entropy",
+                "pixel_shuffle": "pixel_shuffle_project", "lse_merge": "lse_merge_"}
+    for family, function in families.items():
+        module = importlib.import_module(f"longvita.kernels.{family}")
+        assert isinstance(module, types.ModuleType) and getattr(kernels, family) is module, family
+        assert callable(getattr(kernels, function)) and not isinstance(getattr(kernels, function), types.ModuleType)
+        assert getattr(module, function) is getattr(kernels, function), family
+    submodules = {m.name for m in pkgutil.iter_modules(kernels.__path__)}
+    assert submodules >= set(families)
+    assert not submodules & set(kernels.__all__), submodules & set(kernels.__all__)
