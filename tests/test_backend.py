@@ -88,8 +88,8 @@ def ran(monkeypatch):
     # where each family's torch path is called from (the LM head's chunk loop is its own module)
     lh, lm, ps, va, rn, rp, sg = (
         importlib.import_module(f"longvita.kernels.{m}")
-        for m in ("lm_head.chunks", "lse_merge.api", "pixel_shuffle.api", "attention.api", "rms_norm.api", "rope.api",
-                  "swiglu.api")
+        for m in ("lm_head.chunks", "lse_merge.api", "pixel_shuffle.api", "attention.api", "norm.api", "rope.api",
+                  "glu.api")
     )
     calls = []
 

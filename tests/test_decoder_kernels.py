@@ -372,9 +372,9 @@ def test_swiglu_bad_inputs_raise():
 
 @needs_triton
 def test_custom_ops_pass_opcheck():
-    from longvita.kernels.rms_norm.api import _rms_norm_bwd_op, _rms_norm_fwd_op
+    from longvita.kernels.norm.api import _rms_norm_bwd_op, _rms_norm_fwd_op
     from longvita.kernels.rope.api import _rope_qk_op
-    from longvita.kernels.swiglu.api import _swiglu_bwd_op, _swiglu_fwd_op
+    from longvita.kernels.glu.api import _swiglu_bwd_op, _swiglu_fwd_op
 
     x, w, r = _rms_inputs((5, 24), torch.float32, True)
     torch.library.opcheck(_rms_norm_fwd_op, (x, w, r, 1e-6, torch.float32, torch.float32))

@@ -98,7 +98,8 @@ def test_kernel_families_are_modules_named_apart_from_their_functions():
 
     kernels = importlib.import_module("longvita.kernels")
     families = {"attention": "varlen_attention", "lm_head": "linear_cross_entropy",
-                "pixel_shuffle": "pixel_shuffle_project", "lse_merge": "lse_merge_"}
+                "pixel_shuffle": "pixel_shuffle_project", "lse_merge": "lse_merge_", "norm": "rms_norm",
+                "rope": "apply_rope_qk", "glu": "swiglu"}
     for family, function in families.items():
         module = importlib.import_module(f"longvita.kernels.{family}")
         assert isinstance(module, types.ModuleType) and getattr(kernels, family) is module, family

@@ -1,4 +1,4 @@
-"""Triton kernels and launchers of the fused SwiGLU (``swiglu/api.py``).
+"""Triton kernels and launchers of the fused SwiGLU (``glu/api.py``).
 
 Imported only when the Triton backend runs. Inputs are seen as (rows, I) with a row stride
 each (so ``gate`` and ``up`` may be the two halves of one merged projection) and a

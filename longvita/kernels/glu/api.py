@@ -5,7 +5,7 @@
 read of gate and up and one write, fp32 inside and rounded once (eager rounds silu(gate),
 then the product). The backward recomputes the sigmoid instead of saving silu(gate)
 (Liger-Kernel's ``LigerSiLUMulFunction`` does the same): autograd keeps gate and up, which
-the projections produced anyway, and nothing else. ``swiglu/triton.py`` states the scheme
+the projections produced anyway, and nothing else. ``glu/triton.py`` states the scheme
 and its memory.
 
 gate and up may be strided views (the two halves of one merged gate/up projection), as
@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from longvita.kernels._backend import resolve
-from longvita.kernels.swiglu.torch import swiglu_torch
+from longvita.kernels.glu.torch import swiglu_torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -56,13 +56,13 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu_fwd(g2, u2):
-    from longvita.kernels.swiglu.triton import swiglu_fwd_triton
+    from longvita.kernels.glu.triton import swiglu_fwd_triton
 
     return swiglu_fwd_triton(g2, u2)
 
 
 def swiglu_bwd(dy2, g2, u2):
-    from longvita.kernels.swiglu.triton import swiglu_bwd_triton
+    from longvita.kernels.glu.triton import swiglu_bwd_triton
 
     return swiglu_bwd_triton(dy2, g2, u2)
 

@@ -1,4 +1,4 @@
-"""Triton kernels and launchers of the fused RMSNorm (+ residual add) (``rms_norm/api.py``).
+"""Triton kernels and launchers of the fused RMSNorm (+ residual add) (``norm/api.py``).
 
 Imported only when the Triton backend runs. Rows are the flattened leading dimensions of
 x (rows, H); every row is one contiguous run of H elements.

@@ -12,7 +12,7 @@ out of place).
 Why fused: eager runs 6-8 kernels per norm (cast, square, mean, rsqrt, two multiplies,
 casts) and autograd keeps fp32 copies of the row; the fused forward reads x (and r) once
 and writes y (and h) once, and saves only its input and one fp32 rstd per row; the
-backward reads dy, the input and the weight once (``rms_norm/triton.py`` states the
+backward reads dy, the input and the weight once (``norm/triton.py`` states the
 scheme and its memory).
 
 Backends (``backend=`` or ``LONGVITA_BACKEND``, resolved by ``_backend.resolve``):
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from longvita.kernels._backend import resolve
-from longvita.kernels.rms_norm.torch import rms_norm_torch
+from longvita.kernels.norm.torch import rms_norm_torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -73,14 +73,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 def rms_norm_fwd(x2, weight, residual2, p: RMSNormParams):
     """Launcher: ``(y, h or None, rstd)`` for (rows, H) inputs."""
-    from longvita.kernels.rms_norm.triton import rms_norm_fwd_triton
+    from longvita.kernels.norm.triton import rms_norm_fwd_triton
 
     return rms_norm_fwd_triton(x2, weight, residual2, p.eps, p.out_dtype, p.h_dtype)
 
 
 def rms_norm_bwd(dy2, xn2, weight, rstd, dh2):
     """Launcher: ``(d(normalised input), dweight)``."""
-    from longvita.kernels.rms_norm.triton import rms_norm_bwd_triton
+    from longvita.kernels.norm.triton import rms_norm_bwd_triton
 
     return rms_norm_bwd_triton(dy2, xn2, weight, rstd, dh2)
 
