@@ -567,6 +567,54 @@ def _work_item(Work, w, n_heads):
 
 
 @triton.jit
+def _bwd_dkdv_scheduled(
+    Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k, Work, n_work, n_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
+    sm_scale, qk_scale, left, right,
+    GROUPS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr,
+    FUSED_DQ: tl.constexpr,
+):
+    """The dK/dV tiles of one program under ``SCHEDULE`` (grid, sorted work list, or a
+    persistent loop over it, as ``_fwd_kernel``); with ``FUSED_DQ`` each tile also adds its
+    dQ contributions into the fp32 buffer ``DQ`` with atomics. Shared by the two entry
+    kernels below, which differ only in that flag (and so in their names, which the
+    launch table and the compile report key on)."""
+    if SCHEDULE == 0:
+        _bwd_dkdv_tile(
+            Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
+            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+            stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
+            sm_scale, qk_scale, left, right, tl.program_id(1), tl.program_id(0), tl.program_id(2),
+            GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, FUSED_DQ,
+        )
+    elif SCHEDULE == 1:  # one item of the sorted work list per program
+        b, pid_n, kvh = _work_item(Work, tl.program_id(0), n_heads)
+        if b >= 0:
+            _bwd_dkdv_tile(
+                Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
+                sm_scale, qk_scale, left, right, b, pid_n, kvh,
+                GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, FUSED_DQ,
+            )
+    else:  # persistent: each program loops over the sorted work list
+        for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
+            b, pid_n, kvh = _work_item(Work, w, n_heads)
+            if b >= 0:
+                _bwd_dkdv_tile(
+                    Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
+                    sm_scale, qk_scale, left, right, b, pid_n, kvh,
+                    GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, FUSED_DQ,
+                )
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k, Work, n_work, n_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -578,35 +626,13 @@ def _bwd_dkdv_kernel(
     SCHEDULE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """dK/dV; grid (kv blocks, batch, Hkv) or a sorted work list (see ``_fwd_kernel``)."""
-    if SCHEDULE == 0:
-        _bwd_dkdv_tile(
-            Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
-            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-            stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
-            sm_scale, qk_scale, left, right, tl.program_id(1), tl.program_id(0), tl.program_id(2),
-            GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, False,
-        )
-    elif SCHEDULE == 1:
-        b, pid_n, kvh = _work_item(Work, tl.program_id(0), n_heads)
-        if b >= 0:
-            _bwd_dkdv_tile(
-                Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
-                sm_scale, qk_scale, left, right, b, pid_n, kvh,
-                GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, False,
-            )
-    else:
-        for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
-            b, pid_n, kvh = _work_item(Work, w, n_heads)
-            if b >= 0:
-                _bwd_dkdv_tile(
-                    Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
-                    sm_scale, qk_scale, left, right, b, pid_n, kvh,
-                    GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, False,
-                )
+    _bwd_dkdv_scheduled(
+        Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k, Work, n_work, n_heads,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
+        sm_scale, qk_scale, left, right, GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N,
+        SCHEDULE, USE_TMA, False,
+    )
 
 
 @triton.jit
@@ -622,35 +648,13 @@ def _bwd_fused_kernel(
 ):
     """The whole backward in one kernel: ``_bwd_dkdv_kernel``'s tiles, each also adding its
     dQ contributions into the fp32 buffer ``DQ`` with atomics."""
-    if SCHEDULE == 0:
-        _bwd_dkdv_tile(
-            Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
-            stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-            stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
-            sm_scale, qk_scale, left, right, tl.program_id(1), tl.program_id(0), tl.program_id(2),
-            GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, True,
-        )
-    elif SCHEDULE == 1:
-        b, pid_n, kvh = _work_item(Work, tl.program_id(0), n_heads)
-        if b >= 0:
-            _bwd_dkdv_tile(
-                Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
-                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
-                sm_scale, qk_scale, left, right, b, pid_n, kvh,
-                GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, True,
-            )
-    else:
-        for w in range(tl.program_id(0), n_work, tl.num_programs(0)):
-            b, pid_n, kvh = _work_item(Work, w, n_heads)
-            if b >= 0:
-                _bwd_dkdv_tile(
-                    Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
-                    sm_scale, qk_scale, left, right, b, pid_n, kvh,
-                    GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N, USE_TMA, True,
-                )
+    _bwd_dkdv_scheduled(
+        Q, K, V, DOut, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k, Work, n_work, n_heads,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
+        sm_scale, qk_scale, left, right, GROUPS, HEAD_DIM, BLOCK_D, HAS_LEFT, HAS_RIGHT, DOT_PREC, BLOCK_M, BLOCK_N,
+        SCHEDULE, USE_TMA, True,
+    )
 
 
 @triton.jit
