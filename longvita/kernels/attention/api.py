@@ -9,9 +9,10 @@ them per block.
 
 Backends (``backend=`` or ``LONGVITA_BACKEND``, chosen by ``_backend.resolve``):
 'triton' (the kernels in ``attention/triton.py``; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``), 'torch' (``attention/torch.py``: flash-attention's
-blocked online softmax in plain torch, memory linear in the sequence length; the CPU
-path, with torch's fused attention for packed self-attention that needs no LSE), and
+under ``TRITON_INTERPRET=1``), 'torch' (``attention/torch.py``, the CPU path: torch's
+fused CPU flash-attention kernel for every call without a window, flash-attention's
+blocked online softmax in plain torch for windows and float64; memory linear in the
+sequence length either way), and
 'flash_attn' (the flash-attn package, when importable, for comparison).
 float64 inputs always run 'torch', which then computes in float64; so do bfloat16
 inputs in Triton's interpreter. There is no CUDA C++ attention: 'cuda' runs Triton.
@@ -26,12 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from longvita.kernels._backend import resolve
-from longvita.kernels.attention.torch import (
-    sdpa_eligible,
-    varlen_attention_bwd_torch,
-    varlen_attention_fwd_torch,
-    varlen_attention_sdpa,
-)
+from longvita.kernels.attention.torch import varlen_attention_bwd_torch, varlen_attention_fwd_torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -318,10 +314,6 @@ def varlen_attention(
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     window = (int(window_size[0]), int(window_size[1]))
-    if (not return_lse and sdpa_eligible(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, window)
-            and _pick_backend(q, backend) == "torch"):  # the CPU fast path (attention/torch.py)
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        return varlen_attention_sdpa(q, k, v, cu_seqlens_q, scale, bool(causal))
     params = VarlenParams(max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), window, backend)
     out, lse = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
     return (out, lse) if return_lse else out
