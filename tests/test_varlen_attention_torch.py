@@ -213,6 +213,7 @@ def _compare_fused(lens_q, lens_k, hq, hkv, d, causal, past_end=True, zero_dout_
     r_grads = ref.varlen_attention_bwd_reference(dout[:nq], q[:nq], k[:nk], v[:nk], r_out, r_lse, cu_q, cu_k, 0.3,
                                                  causal, (-1, -1), dlse[:, :nq])
     assert out.dtype == lse.dtype == torch.float64
+    assert out.is_contiguous() and lse.is_contiguous() and all(g.is_contiguous() for g in grads)
     assert torch.equal(torch.isneginf(lse[:, :nq]), torch.isneginf(r_lse)), "rows without keys differ"
     assert torch.equal(out[nq:], torch.zeros_like(out[nq:])) and torch.isneginf(lse[:, nq:]).all()
     fin = torch.isfinite(r_lse)

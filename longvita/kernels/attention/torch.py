@@ -234,9 +234,10 @@ def varlen_attention_fwd_fused(
         batch, len_q, len_k, part_causal = single
         o, lse = fwd(_bhld(qa, 0, batch, len_q, 0, len_q), _bhld(ka, 0, batch, len_k, 0, len_k),
                      _bhld(va, 0, batch, len_k, 0, len_k), 0.0, part_causal, scale=softmax_scale)
-        # o (batch, Hq, len_q, D) is laid out as THD already; lse (batch, Hq, len_q) is not
+        # o (batch, Hq, len_q, D) is laid out as THD already; lse (batch, Hq, len_q) is not (and
+        # for one document its reshape is a strided view: callers need it contiguous)
         out = o.transpose(1, 2).reshape(total_q, hq, d)
-        return out if out.dtype == q.dtype else out.to(q.dtype), lse.transpose(0, 1).reshape(hq, total_q)
+        return out if out.dtype == q.dtype else out.to(q.dtype), lse.transpose(0, 1).reshape(hq, total_q).contiguous()
     out = torch.zeros((total_q, hq, d), dtype=acc, device=q.device)  # rows no call writes stay 0
     lse = torch.full((hq, total_q), -math.inf, dtype=acc, device=q.device)
     for q0, k0, batch, len_q, len_k, parts in plan:
