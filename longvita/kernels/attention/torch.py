@@ -43,11 +43,12 @@ unused, only the LSE) cannot carry it that way; when there are any, every head g
 more dimension instead: q, k and out a 0, v a 1 and dO the dlse, which adds dlse to each
 dP = dO V^T of the row (the kernel then runs at D + 1: measured 1.3x slower at D = 32).
 
-Memory (fused): the outputs and the kernel's per-thread blocks; with bf16/fp16 inputs
-fp32 copies of q, k, v (and out, dout in the backward); a causal call against a longer
-cache one more (len_q, Hq, D) fp32 partial result for the merge. Measured: a 64K-token
-prompt through the tiny model adds well under 2 GiB (the hardening test below).
-Blocked path: see its section.
+Memory (fused), all linear in the tokens: the outputs and the kernel's own per-thread
+blocks; with bf16/fp16 inputs fp32 copies of q, k, v (and out, dout in the backward); a
+causal call against a longer cache one more (len_q, Hq, D) partial result for the merge;
+an LSE gradient a copy of out (or, the wider head, copies of q, k, v, out, dout). A
+64K-token prompt through the tiny model adds well under 2 GiB of peak RSS
+(tests/test_varlen_attention_torch.py). Blocked path: see its section.
 """
 
 from __future__ import annotations
