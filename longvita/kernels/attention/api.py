@@ -83,8 +83,8 @@ def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_s
     ):
         if cu.device.type != "cpu":
             continue
-        # in Python: a decode step's whole attention takes ~0.3 ms, and these checks as
-        # tensor ops took 54 us of it (one list costs ~1 us)
+        # in Python: a decode step's whole attention takes ~0.3 ms on the CPU; these checks
+        # as tensor ops took ~50 us of it, on one list they take ~3 us
         offsets = cu.tolist()
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
         if offsets[0] != 0:
@@ -328,7 +328,7 @@ def varlen_attention(
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         params = VarlenParams(max_seqlen_q, max_seqlen_k, softmax_scale, bool(causal), window, backend)
         out, lse = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, params)
-    else:  # nothing to differentiate (inference, a decode step): autograd's machinery costs ~40 us a call
+    else:  # nothing to differentiate (inference, a decode step): autograd.Function adds 10-15 us a call
         out, lse = _varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          softmax_scale, causal, window, backend)
     return (out, lse) if return_lse else out

@@ -29,7 +29,8 @@ causal mask is top-left aligned (query i sees keys <= i) where ours is bottom-ri
   the prefix of len_k - len_q keys that every row sees (one non-causal call) and the causal
   square of the last len_q keys (one causal call), merged through their LSEs
   (``lse_merge_torch_``); the backward runs both parts against the merged (out, lse). A
-  single row (decode) sees its whole cache: one non-causal call.
+  single row (decode) sees its whole cache: one non-causal call, in which the query heads
+  of each K/V head are that head's rows (each K/V head read once: ``_fwd_call``).
 - causal, len_q > len_k: the first len_q - len_k rows see no key (0 / -inf); the last
   len_k rows are a causal square.
 - Consecutive documents with the same (len_q, len_k) go in one call as a batch (ViT tiles,
@@ -205,17 +206,37 @@ def _plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool):
             for q0, k0, batch, len_q, len_k in _segments(cu_seqlens_q, cu_seqlens_k)]
 
 
-def _single_call(plan, total_q: int, total_k: int):
-    """(batch, len_q, len_k, causal) when one kernel call computes every query row against
-    every key (one document, or a batch of equal ones, filling q and k): its outputs are the
-    results, with nothing to assemble. Else None."""
+def _single_call(plan, total_q: int, total_k: int) -> bool:
+    """Whether one kernel call computes every query row against every key (one document, or
+    a batch of equal ones, filling q and k): its outputs are the results, with nothing to
+    assemble."""
     if len(plan) != 1 or len(plan[0][5]) != 1:
-        return None
-    q0, k0, batch, len_q, len_k, ((row0, rows, key0, keys, part_causal),) = plan[0]
-    if (q0 == k0 == row0 == key0 == 0 and rows == len_q and keys == len_k
-            and batch * len_q == total_q and batch * len_k == total_k):
-        return batch, len_q, len_k, part_causal
-    return None
+        return False
+    q0, k0, batch, len_q, len_k, ((row0, rows, key0, keys, _),) = plan[0]
+    return (q0 == k0 == row0 == key0 == 0 and rows == len_q and keys == len_k
+            and batch * len_q == total_q and batch * len_k == total_k)
+
+
+def _fwd_call(fwd, qa, ka, va, q0: int, k0: int, batch: int, len_q: int, len_k: int, part, scale: float):
+    """One forward kernel call of a plan: out (batch * rows, Hq, D), lse (Hq, batch * rows).
+
+    A single query row against its keys (decode) runs with the query heads of each K/V head
+    as that head's rows: the same attention (no mask), but each K/V head is read once
+    instead of once per query head, and a decode step is memory-bound (one thread, 8 query
+    on 4 K/V heads, D 32: 2.3x faster at 4K keys, 1.75x at 16K)."""
+    row0, rows, key0, keys, part_causal = part
+    hq, hkv, d = qa.shape[1], ka.shape[1], qa.shape[2]
+    k_part, v_part = _bhld(ka, k0, batch, len_k, key0, keys), _bhld(va, k0, batch, len_k, key0, keys)
+    if rows == 1 and not part_causal and hq > hkv:
+        s_row, s_head, s_dim = qa.stride()
+        groups = hq // hkv
+        q_part = qa.as_strided((batch, hkv, groups, d), (len_q * s_row, groups * s_head, s_head, s_dim),
+                               qa.storage_offset() + (q0 + row0) * s_row)  # (batch, Hkv, groups, D)
+        o, lse = fwd(q_part, k_part, v_part, 0.0, False, scale=scale)
+        return o.reshape(batch, hq, d), lse.reshape(batch, hq).t()
+    o, lse = fwd(_bhld(qa, q0, batch, len_q, row0, rows), k_part, v_part, 0.0, part_causal, scale=scale)
+    # o (batch, Hq, rows, D) is laid out as THD already; lse (batch, Hq, rows) is not
+    return o.transpose(1, 2).reshape(batch * rows, hq, d), lse.transpose(0, 1).reshape(hq, batch * rows)
 
 
 def varlen_attention_fwd_fused(
@@ -228,26 +249,18 @@ def varlen_attention_fwd_fused(
     fwd, _ = _aten_fused()
     total_q, hq, d = q.shape
     acc = _acc_dtype(q.dtype)
-    qa, ka, va = (t if t.dtype == acc else t.to(acc) for t in (q, k, v))
+    qa = q if q.dtype == acc else q.to(acc)
+    ka = k if k.dtype == acc else k.to(acc)
+    va = v if v.dtype == acc else v.to(acc)
     plan = _plan(cu_seqlens_q, cu_seqlens_k, causal)
-    single = _single_call(plan, total_q, k.shape[0])
-    if single is not None:
-        batch, len_q, len_k, part_causal = single
-        o, lse = fwd(_bhld(qa, 0, batch, len_q, 0, len_q), _bhld(ka, 0, batch, len_k, 0, len_k),
-                     _bhld(va, 0, batch, len_k, 0, len_k), 0.0, part_causal, scale=softmax_scale)
-        # o (batch, Hq, len_q, D) is laid out as THD already; lse (batch, Hq, len_q) is not (and
-        # for one document its reshape is a strided view: callers need it contiguous)
-        out = o.transpose(1, 2).reshape(total_q, hq, d)
-        return out if out.dtype == q.dtype else out.to(q.dtype), lse.transpose(0, 1).reshape(hq, total_q).contiguous()
+    if _single_call(plan, total_q, k.shape[0]):  # the kernel's outputs are the results
+        _, _, batch, len_q, len_k, (part,) = plan[0]
+        o, lse = _fwd_call(fwd, qa, ka, va, 0, 0, batch, len_q, len_k, part, softmax_scale)
+        return o.contiguous().to(q.dtype), lse.contiguous()  # no copies where they already are
     out = torch.zeros((total_q, hq, d), dtype=acc, device=q.device)  # rows no call writes stay 0
     lse = torch.full((hq, total_q), -math.inf, dtype=acc, device=q.device)
     for q0, k0, batch, len_q, len_k, parts in plan:
-        results = []
-        for row0, rows, key0, keys, part_causal in parts:
-            o, l_part = fwd(_bhld(qa, q0, batch, len_q, row0, rows), _bhld(ka, k0, batch, len_k, key0, keys),
-                            _bhld(va, k0, batch, len_k, key0, keys), 0.0, part_causal, scale=softmax_scale)
-            # (batch * rows, Hq, D) and (Hq, batch * rows)
-            results.append((o.transpose(1, 2).reshape(batch * rows, hq, d), l_part.transpose(0, 1).reshape(hq, batch * rows)))
+        results = [_fwd_call(fwd, qa, ka, va, q0, k0, batch, len_q, len_k, part, softmax_scale) for part in parts]
         o, l_part = results[0]
         if len(results) == 2:  # the prefix and the causal square: one softmax over both
             lse_merge_torch_(o, l_part, *results[1])
@@ -290,9 +303,8 @@ def varlen_attention_bwd_fused(
         qa, ka, va, oa, da = _fold_dlse(qa, ka, va, oa, da, lse, dlse)
     hq, hkv, width = qa.shape[1], ka.shape[1], qa.shape[2]  # width: D, or D + 1 carrying dlse
     plan = _plan(cu_seqlens_q, cu_seqlens_k, causal)
-    single = _single_call(plan, q.shape[0], k.shape[0])
-    if single is not None:
-        batch, len_q, len_k, part_causal = single
+    if _single_call(plan, q.shape[0], k.shape[0]):
+        _, _, batch, len_q, len_k, ((_, _, _, _, part_causal),) = plan[0]
         grads = bwd(_bhld(da, 0, batch, len_q, 0, len_q), _bhld(qa, 0, batch, len_q, 0, len_q),
                     _bhld(ka, 0, batch, len_k, 0, len_k), _bhld(va, 0, batch, len_k, 0, len_k),
                     _bhld(oa, 0, batch, len_q, 0, len_q), lse.reshape(hq, batch, len_q).transpose(0, 1),
