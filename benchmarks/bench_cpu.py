@@ -1,6 +1,7 @@
 """The CPU path against torch's own fused kernel, and the CPU end to end (issue 30).
 
     python benchmarks/bench_cpu.py [--lengths 4096,16384,65536] [--out FILE]    # (a) attention
+    python benchmarks/bench_cpu.py --lengths 4096 --cases decode,chunk --threads 1  # some of (a)
     python benchmarks/bench_cpu.py --e2e [--checkout PATH ...] [--out FILE]     # (a) and (b)
     python benchmarks/bench_cpu.py --e2e --parts b --checkout /tmp/before      # (b) only, before/after
     python benchmarks/bench_cpu.py --cpu-smoke [--e2e] --out X.json             # what CI runs: seconds
@@ -210,7 +211,7 @@ def time_pair(ours, theirs, min_repeats: int, max_repeats: int, budget_s: float,
 
 def run_attention(args, rows: list[Row], title: str) -> None:
     for n in args.lengths:
-        for what in CASES:
+        for what in [c for c in CASES if c in args.cases]:
             case = Case(what, n)
             torch.manual_seed(0)
             pair = setup(case)
@@ -324,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 65536],
                         help="(a) tokens per case, comma-separated")
     parser.add_argument("--parts", default="a", help="'a' attention, 'b' end to end (--e2e adds b)")
+    parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES),
+                        help=f"(a) which cases, comma-separated (default all: {','.join(CASES)})")
     parser.add_argument("--e2e", action="store_true", help="also part (b), end to end")
     parser.add_argument("--repeats", type=int, default=7, help="(a) most repeats per case")
     parser.add_argument("--min-repeats", type=int, default=3, help="(a) fewest repeats per case")
@@ -342,6 +345,8 @@ def main(argv=None) -> int:
     parts = set(args.parts) | ({"b"} if args.e2e else set())
     if parts - set("ab"):
         parser.error(f"--parts takes letters of 'ab', got {args.parts!r}")
+    if set(args.cases) - set(CASES):
+        parser.error(f"--cases takes names from {','.join(CASES)}, got {','.join(args.cases)}")
     if args.cpu_smoke:
         args.lengths, args.repeats, args.min_repeats, args.case_seconds = [256, 512], 2, 2, 0.0
         args.e2e_repeats, args.prompt_tokens = 1, 500

@@ -257,17 +257,31 @@ def varlen_attention_fwd_fused(
         _, _, batch, len_q, len_k, (part,) = plan[0]
         o, lse = _fwd_call(fwd, qa, ka, va, 0, 0, batch, len_q, len_k, part, softmax_scale)
         return o.contiguous().to(q.dtype), lse.contiguous()  # no copies where they already are
-    out = torch.zeros((total_q, hq, d), dtype=acc, device=q.device)  # rows no call writes stay 0
-    lse = torch.full((hq, total_q), -math.inf, dtype=acc, device=q.device)
+    # The results in row order, concatenated once: one copy of the output (a zero fill and a
+    # copy per document took 3% longer on a 4K-token pack of 7 documents, one thread)
+    outs, lses, row = [], [], 0
+
+    def no_keys(n: int):  # rows that see no key: out 0, lse -inf
+        outs.append(torch.zeros((n, hq, d), dtype=acc, device=q.device))
+        lses.append(torch.full((hq, n), -math.inf, dtype=acc, device=q.device))
+
     for q0, k0, batch, len_q, len_k, parts in plan:
+        if q0 > row:
+            no_keys(q0 - row)
         results = [_fwd_call(fwd, qa, ka, va, q0, k0, batch, len_q, len_k, part, softmax_scale) for part in parts]
         o, l_part = results[0]
         if len(results) == 2:  # the prefix and the causal square: one softmax over both
             lse_merge_torch_(o, l_part, *results[1])
         row0, rows = parts[0][:2]  # the parts share their rows
-        out[q0:q0 + batch * len_q].view(batch, len_q, hq, d)[:, row0:row0 + rows] = o.view(batch, rows, hq, d)
-        lse[:, q0:q0 + batch * len_q].view(hq, batch, len_q)[:, :, row0:row0 + rows] = l_part.view(hq, batch, rows)
-    return out.to(q.dtype), lse
+        if row0 > 0:  # the first rows of each document see no key
+            o = torch.cat([o.new_zeros(batch, row0, hq, d), o.view(batch, rows, hq, d)], 1).view(-1, hq, d)
+            l_part = torch.cat([l_part.new_full((hq, batch, row0), -math.inf), l_part.view(hq, batch, rows)], 2)
+        outs.append(o)
+        lses.append(l_part.reshape(hq, batch * len_q))
+        row = q0 + batch * len_q
+    if row < total_q or not outs:
+        no_keys(total_q - row)
+    return torch.cat(outs).to(q.dtype), torch.cat(lses, 1)
 
 
 def _fold_dlse(qa, ka, va, oa, da, lse, dlse):
