@@ -103,7 +103,6 @@ def ran(monkeypatch):
         monkeypatch.setattr(obj, name, wrapper)
 
     spy(va, "varlen_attention_fwd_torch", ("varlen_attention", "torch"))
-    spy(va, "varlen_attention_sdpa", ("varlen_attention", "torch"))  # the torch backend's fast path
     spy(va, "_flash_attn_fwd", ("varlen_attention", "flash_attn"))
     spy(lh, "torch_rows", ("lm_head", "torch"))
     spy(ps, "torch_shuffle_layernorm", ("pixel_shuffle", "torch"))
