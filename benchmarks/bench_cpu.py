@@ -340,6 +340,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train-samples", type=int, default=600, help="(b) generated training samples")
     parser.add_argument("--threads", type=int, default=None, help="(a) torch threads (default: torch's)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny sizes, two repeats: CI")
+    parser.add_argument("--quick", action="store_true",
+                        help="(a) at 1024 and 4096 tokens, 2-3 repeats (gpu_session.sh's every-benchmark loop)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/cpu.json)")
     args = parser.parse_args(argv)
     parts = set(args.parts) | ({"b"} if args.e2e else set())
@@ -347,6 +349,8 @@ def main(argv=None) -> int:
         parser.error(f"--parts takes letters of 'ab', got {args.parts!r}")
     if set(args.cases) - set(CASES):
         parser.error(f"--cases takes names from {','.join(CASES)}, got {','.join(args.cases)}")
+    if args.quick:
+        args.lengths, args.repeats, args.min_repeats, args.case_seconds = [1024, 4096], 3, 2, 1.0
     if args.cpu_smoke:
         args.lengths, args.repeats, args.min_repeats, args.case_seconds = [256, 512], 2, 2, 0.0
         args.e2e_repeats, args.prompt_tokens = 1, 500

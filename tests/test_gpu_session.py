@@ -304,3 +304,17 @@ def test_tune_attention_sweep_runs_end_to_end_in_the_interpreter(tmp_path, monke
     sweep.write_table(str(tmp_path / "table.json"), choices)
     entry = next(e for e in json.loads((tmp_path / "table.json").read_text())["choice"] if e["block_d"] == 16)
     assert (entry["fwd"], entry["bwd"]) == ("tma", "fused_bwd")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("bench_*.py")))
+def test_every_benchmark_takes_the_session_loops_flags(script):
+    """benchmarks/gpu_session.sh runs every bench_*.py with --quick (bare with --full) and --out: a
+    benchmark that rejects either fails the session's loop (CI's rehearsal caught bench_cpu.py
+    without --quick)."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True,
+                       env=env, timeout=120, cwd=tempfile.gettempdir())
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--quick", "--out"):
+        assert flag in r.stdout, f"{script} --help lists no {flag}"
