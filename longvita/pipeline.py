@@ -95,6 +95,7 @@ def untrained_model(name: str, vocab_size: int = _DEFAULT_VOCAB, seed: int = 0) 
     torch.manual_seed(seed)
     config = preset(name)
     config.text.vocab_size = vocab_size
+    config.trained_length = 0  # trained on nothing yet: the trainer records its pack length
     return LongVITA(config).init_weights()
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from longvita.model import CheckpointError, LongVITA, TextConfig, preset
+from longvita.model import CheckpointError, LongVITA, LongVITAConfig, TextConfig, preset
 from longvita.runtime import LocalPlan, generate
 
 from _model import logits
@@ -241,3 +241,50 @@ def test_uint8_pixels_are_normalised_by_the_encoder_exactly():
     raw = torch.randint(0, 256, (3, 3, s, s), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(model.image_embeddings(raw), model.image_embeddings(normalize(raw)))
+
+
+def test_trained_length_round_trips_and_old_configs_load(tmp_path):
+    """config.json records the trained context length (longvita_trained_length) and the
+    loader reads it back; a folder without the key (older longvita, other tools) loads with
+    it unknown (None), and a bad value names the key and the file."""
+    from longvita.model.checkpoint import read_config
+
+    cfg = preset("tiny")
+    cfg.trained_length = 2048
+    LongVITA(cfg).save_pretrained(str(tmp_path / "new"))
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["longvita_trained_length"] == 2048
+    assert LongVITA.from_pretrained(str(tmp_path / "new")).config.trained_length == 2048
+    assert read_config(str(tmp_path / "new")).trained_length == 2048
+    assert LongVITAConfig.from_dict(cfg.to_dict()).trained_length == 2048
+
+    LongVITA(preset("tiny")).save_pretrained(str(tmp_path / "old"))  # unknown: the key is not written
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert "longvita_trained_length" not in raw
+    assert LongVITA.from_pretrained(str(tmp_path / "old")).config.trained_length is None
+    for bad in ("2048", -1, 1.5, True):
+        (tmp_path / "old" / "config.json").write_text(json.dumps(dict(raw, longvita_trained_length=bad)))
+        with pytest.raises(CheckpointError, match=r"old.config\.json.*longvita_trained_length"):
+            LongVITA.from_pretrained(str(tmp_path / "old"))
+
+
+def test_generate_warns_once_past_the_trained_length(monkeypatch):
+    import warnings
+
+    monkeypatch.setenv("LONGVITA_BACKEND", "torch")  # the kernels' interpreter would only make it slow
+
+    from longvita.model import ContextLengthWarning
+
+    cfg = preset("tiny")
+    cfg.trained_length = 20
+    model = LongVITA(cfg).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(list(generate(model, torch.zeros(15, dtype=torch.long), max_new_tokens=5))) == 5  # 20: within
+        assert not [w for w in caught if w.category is ContextLengthWarning]
+        assert len(list(generate(model, torch.zeros(15, dtype=torch.long), max_new_tokens=6))) == 6
+    past = [w for w in caught if w.category is ContextLengthWarning]
+    assert len(past) == 1 and "past the 20 tokens" in str(past[0].message)  # once, not once per token
+    cfg.trained_length = None  # unknown: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ContextLengthWarning)
+        list(generate(model, torch.zeros(15, dtype=torch.long), max_new_tokens=6))

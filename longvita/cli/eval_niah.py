@@ -105,20 +105,37 @@ def run(args) -> int:
         return _eval_niah(opts, r)
 
 
+# a frame takes its context tokens and two markers; the question and answer add a few dozen
+_CELL_EXTRA_TOKENS = 64
+
+
 def _check_lengths(opts: NiahOptions, config) -> None:
     """Every cell length against the model's positions, before any weight is read: a typo
-    of a few zeros would otherwise run for hours or exhaust memory."""
+    of a few zeros would otherwise run for hours or exhaust memory. Cells past the length
+    the model was trained on (``config.trained_length``, when known) run, with one warning."""
     limit = config.text.max_position_embeddings
+    longest = max(opts.lengths)
     if opts.mode == "text":
-        if max(opts.lengths) > limit:
-            raise UsageError(f"--context {max(opts.lengths)}: more than the model's max_position_embeddings ({limit})")
-        return
-    # a frame takes its context tokens and two markers; the question and answer add a few dozen
-    per_frame = config.tokens_per_tile + 2
-    most = max(1, (limit - 64) // per_frame)
-    if max(opts.lengths) > most:
-        raise UsageError(f"--frames {max(opts.lengths)}: at {per_frame} tokens a frame, the model's "
-                         f"max_position_embeddings ({limit}) holds at most {most} frames")
+        flag, tokens = "--context", longest
+        if longest > limit:
+            raise UsageError(f"--context {longest}: more than the model's max_position_embeddings ({limit})")
+    else:
+        per_frame = config.tokens_per_tile + 2
+        most = max(1, (limit - _CELL_EXTRA_TOKENS) // per_frame)
+        if longest > most:
+            raise UsageError(f"--frames {longest}: at {per_frame} tokens a frame, the model's "
+                             f"max_position_embeddings ({limit}) holds at most {most} frames")
+        flag, tokens = "--frames", longest * per_frame + _CELL_EXTRA_TOKENS
+    if config.past_trained_length(tokens):
+        import warnings
+
+        from longvita.model import ContextLengthWarning
+
+        past = [n for n in opts.lengths if config.past_trained_length(
+            n if opts.mode == "text" else n * (config.tokens_per_tile + 2) + _CELL_EXTRA_TOKENS)]
+        warnings.warn(f"{flag} {','.join(map(str, past))}: past the {config.trained_length} tokens the model was "
+                      f"trained on (its config's longvita_trained_length); those cells measure extrapolation",
+                      ContextLengthWarning, stacklevel=2)
 
 
 def _eval_niah(opts: NiahOptions, r: Ranks) -> int:

@@ -11,6 +11,7 @@ from longvita.model.attention import (  # noqa: F401
 )
 from longvita.model.checkpoint import CheckpointError  # noqa: F401
 from longvita.model.config import (  # noqa: F401
+    ContextLengthWarning,
     LongVITAConfig,
     ProjectorConfig,
     TextConfig,
@@ -20,7 +21,7 @@ from longvita.model.config import (  # noqa: F401
 from longvita.model.longvita import LongVITA  # noqa: F401
 
 __all__ = [
-    "LongVITA", "LongVITAConfig", "VisionConfig", "ProjectorConfig", "TextConfig", "preset",
+    "LongVITA", "LongVITAConfig", "ContextLengthWarning", "VisionConfig", "ProjectorConfig", "TextConfig", "preset",
     "KVCache", "CheckpointError", "positions_from_cu_seqlens",
     "DecoderAttention", "PackedAttention", "CachedAttention",
 ]

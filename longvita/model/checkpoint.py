@@ -129,8 +129,10 @@ def config_from_dict(cfg: dict, layout: str) -> LongVITAConfig:
     preprocess = cfg.get("longvita_preprocess", _LAYOUT_PREPROCESS[layout])
     if preprocess not in PREPROCESS_FAMILIES:
         raise CheckpointError(f"config.json: longvita_preprocess must be one of {list(PREPROCESS_FAMILIES)}, got {preprocess!r}")
+    # what longvita's trainer recorded (absent in older folders and other tools' ones: unknown)
+    trained = cfg.get("longvita_trained_length")
     return LongVITAConfig(vision=vision, projector=proj, text=text, tie_word_embeddings=bool(tie), image_token_ids=ids,
-                          preprocess=preprocess)
+                          preprocess=preprocess, trained_length=trained)
 
 
 _LAYOUT_PREPROCESS = {"long_vita": "long-vita", "transformers": "internvl", "internvl_chat": "internvl"}
@@ -421,6 +423,8 @@ def to_transformers_config(config: LongVITAConfig) -> dict:
         "projector_layer_norm_eps": p.layer_norm_eps,
         "longvita_preprocess": config.preprocess,  # so a round trip keeps the family
     }
+    if config.trained_length is not None:  # unknown stays absent, as in a folder from elsewhere
+        cfg["longvita_trained_length"] = config.trained_length
     if config.image_token_ids:
         cfg["image_token_id"] = config.image_token_ids[0]
     return cfg

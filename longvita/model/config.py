@@ -7,6 +7,9 @@ InternVL's own projector has biases and a 5120-wide middle, so width and biases 
 ``LongVITAConfig.preprocess`` names the preprocessing family the checkpoint was trained
 with (``long-vita`` or ``internvl``: thumbnail position, video frame padding and
 sampling, media token layout); the data layer implements both.
+``LongVITAConfig.trained_length`` is the longest sequence the weights were trained on
+(``longvita_trained_length`` in config.json), when known: generation and the NIAH grid
+warn (``ContextLengthWarning``) past it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ from dataclasses import dataclass, field
 VISION_ACTIVATIONS = ("gelu",)
 PROJECTOR_ACTIVATIONS = ("gelu",)
 TEXT_ACTIVATIONS = ("silu",)
+
+
+class ContextLengthWarning(UserWarning):
+    """A sequence longer than the model's trained length (``LongVITAConfig.trained_length``):
+    its positions past that are declared (``max_position_embeddings``) but were never
+    trained, so what the model says there may be wrong."""
 
 
 @dataclass
@@ -151,6 +160,15 @@ class LongVITAConfig:
     # from its layout (Long-VITA's -> long-vita, InternVL's and transformers' -> internvl)
     # unless its config.json records it; new models (the tiny preset) use Long-VITA's
     preprocess: str = "long-vita"
+    # the longest sequence (tokens) the weights were trained on, when known: positions past
+    # it are declared (max_position_embeddings) but untrained, so generate and eval niah
+    # warn there. None: unknown (a checkpoint from elsewhere); 0: not trained yet (a model
+    # initialised for training from scratch). The trainer raises it to its pack length.
+    trained_length: int | None = None
+
+    def past_trained_length(self, tokens: int) -> bool:
+        """Whether a sequence of ``tokens`` reaches past the trained length (False when it is unknown)."""
+        return self.trained_length is not None and tokens > self.trained_length
 
     @property
     def tokens_per_tile(self) -> int:
@@ -170,6 +188,10 @@ class LongVITAConfig:
             problems.append(f"image_token_ids must be non-negative token ids, got {self.image_token_ids!r}")
         if self.preprocess not in PREPROCESS_FAMILIES:
             problems.append(f"preprocess must be one of {list(PREPROCESS_FAMILIES)}, got {self.preprocess!r}")
+        if self.trained_length is not None and (not isinstance(self.trained_length, int) or isinstance(
+                self.trained_length, bool) or self.trained_length < 0):
+            problems.append(f"trained_length (config.json: longvita_trained_length) must be a token count >= 0 or "
+                            f"null, got {self.trained_length!r}")
         if problems:  # relations are only checked between well-typed fields
             raise ValueError("invalid LongVITAConfig: " + "; ".join(problems))
         v, p, t = self.vision, self.projector, self.text
@@ -214,6 +236,7 @@ class LongVITAConfig:
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             image_token_ids=tuple(d.get("image_token_ids", ())),
             preprocess=d.get("preprocess", "long-vita"),
+            trained_length=d.get("trained_length"),
         ).validate()
 
 

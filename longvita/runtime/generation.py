@@ -21,13 +21,14 @@ head, and the prefix is never recomputed.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from longvita.common import LongVITAError
-from longvita.model import CachedAttention, KVCache, LongVITA
+from longvita.model import CachedAttention, ContextLengthWarning, KVCache, LongVITA
 from longvita.parallel import (
     ChunkPrefillAttention,
     CPGroups,
@@ -59,7 +60,8 @@ class GenerationStats:
 
 def check_prompt(model: LongVITA, input_ids: torch.Tensor, max_new_tokens: int) -> None:
     """ValueError, before any work, for a prompt that is not a non-empty 1-D tensor, a
-    negative ``max_new_tokens``, or a sequence past the model's ``max_position_embeddings``."""
+    negative ``max_new_tokens``, or a sequence past the model's ``max_position_embeddings``;
+    a ``ContextLengthWarning`` for one past its trained length."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 or input_ids.numel() == 0:
@@ -68,6 +70,11 @@ def check_prompt(model: LongVITA, input_ids: torch.Tensor, max_new_tokens: int) 
     tokens, limit = input_ids.shape[0] + max_new_tokens, model.config.text.max_position_embeddings
     if tokens > limit:
         raise ValueError(f"the sequence needs {tokens} positions but the model's max_position_embeddings is {limit}")
+    if model.config.past_trained_length(tokens):
+        warnings.warn(f"the prompt ({input_ids.shape[0]} tokens with its media) and up to {max_new_tokens} new tokens "
+                      f"reach past the {model.config.trained_length} tokens the model was trained on (its config's "
+                      f"longvita_trained_length): positions there are untrained and answers may be wrong",
+                      ContextLengthWarning, stacklevel=3)
 
 
 class LocalPlan:

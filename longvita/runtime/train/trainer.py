@@ -182,6 +182,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        known = self.config.trained_length
+        if known is not None and known < self.recipe.seq_len:  # unknown (None) stays unknown
+            self.config.trained_length = self.recipe.seq_len
         skipped = list(pack.skipped_media)
         if self.dims.dp > 1:  # one rank of each data-parallel group reports its pack's skips
             everyone = [None] * self.dims.world
