@@ -46,12 +46,13 @@ SHAPES = {
     "qwen": (_random_docs(32768, 512, 8192, seed=0), 40, 8, 128, True),
     "vit": ((1025,) * 8, 16, 16, 64, False),
 }
-FWD_VARIANTS = ["default", "tma", "sorted", "persistent", "tma+sorted", "tma+persistent", "ws", "budget"]
+# no 'ws': refused on GPUs since the H100 of 2026-12-05 measured it non-finite (triton.py)
+FWD_VARIANTS = ["default", "tma", "sorted", "persistent", "tma+sorted", "tma+persistent", "budget"]
 BWD_VARIANTS = ["default", "tma", "sorted", "fused_bwd", "tma+fused_bwd", "tma+sorted+fused_bwd", "budget",
                 "tma+budget"]
 # --quick (the device script): one row per variant at its table configs, about 3 s each with
-# its compile; 6 + 6 variants and the default twice per pass, both shapes: about 30 rows
-QUICK_FWD = ["default", "tma", "sorted", "tma+sorted", "ws", "budget"]
+# its compile; 5 + 6 variants and the default twice per pass, both shapes: about 28 rows
+QUICK_FWD = ["default", "tma", "sorted", "tma+sorted", "budget"]
 QUICK_BWD = ["default", "tma", "sorted", "fused_bwd", "tma+fused_bwd", "tma+budget"]
 
 # Extra (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim, beside each

@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton canno
 
 VARIANTS = ["tma", "sorted", "persistent", "ws", "fused_bwd", "budget", "tma+persistent+fused_bwd",
             "tma+sorted+ws+budget"]
+if DEVICE.type == "cuda":  # 'ws' is refused on GPUs (test_ws_refused_on_gpu_before_launch)
+    VARIANTS = [v for v in VARIANTS if "ws" not in v.split("+")]
 LENS = [0, 1, 17, 5, 0, 37]
 
 
@@ -285,3 +287,22 @@ def test_bad_tables_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         lt.set_table(bad)
     lt.set_table(None)
+
+
+@pytest.mark.parametrize("variant", ["ws", "tma+sorted+ws"])
+def test_ws_refused_on_gpu_before_launch(variant, monkeypatch):
+    """An H100 gave non-finite outputs for 'ws' (2026-12-05): off the interpreter it is refused
+    with one error naming the variant, before any buffer is written or kernel launched."""
+    import longvita.kernels.attention.triton as vat
+
+    monkeypatch.setattr(vat, "triton_interpret", lambda: False)
+    launched = []
+    monkeypatch.setattr(vat, "_launch", lambda *a, **k: launched.append(a))
+    q, k, v = (torch.randn(9, 2, 32) for _ in range(3))
+    cu = torch.tensor([0, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"'ws' is disabled on GPUs"):
+        vat.varlen_attention_fwd_triton(q, k, v, cu, cu, 9, 9, 32 ** -0.5, True, (-1, -1), variant=variant)
+    assert not launched
+    # the same call with a variant that runs on GPUs gets past the check to the launch
+    vat.varlen_attention_fwd_triton(q, k, v, cu, cu, 9, 9, 32 ** -0.5, True, (-1, -1), variant="tma")
+    assert len(launched) == 1

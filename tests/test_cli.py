@@ -368,3 +368,22 @@ def test_generate_never_imports_dynamo(model):
                        cwd=tempfile.gettempdir())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+
+
+def test_embedded_demo_states_its_trained_length_and_generate_warns_past_it():
+    """The shipped demo model was trained on packs of the demo recipe's length; its config says
+    so (longvita_trained_length), and a prompt past it gets one warning line on stderr (the
+    answer still comes, exit 0); a prompt within it gets none."""
+    from longvita.model.checkpoint import read_config
+    from longvita.pipeline import EMBEDDED_DEMO
+    from longvita.runtime.train.recipe import DEMO_SEQ_LEN
+
+    assert read_config(str(EMBEDDED_DEMO)).trained_length == DEMO_SEQ_LEN
+    long_prompt = "the quick brown fox jumps over the lazy dog. " * 30  # > 1,024 tokens, < the positions
+    r = _run("generate", "--prompt", long_prompt, "--max-new-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "trained" in line]
+    assert len(warned) == 1 and str(DEMO_SEQ_LEN) in warned[0], r.stderr
+    assert len(r.stdout.strip().splitlines()) == 1  # --json: still one line
+    r = _run("generate", "--prompt", "what is in the picture?", "--max-new-tokens", "2", "--json")
+    assert r.returncode == 0 and "trained" not in r.stderr, r.stderr

@@ -263,7 +263,8 @@ def test_tune_attention_adopts_a_variant_only_past_the_noise(tmp_path):
     assert (tma_fwd["BLOCK_N"], tma_fwd["num_stages"]) == (64, 3) and "measured" in tma_fwd
     assert table["configs"]["default"]["fwd"]["128"]["BLOCK_N"] == 128  # the default's own best stays
     assert table["configs"]["fused_bwd"]["bwd_fused"]["128"]["BLOCK_M"] == 16
-    assert "sorted" not in table["configs"]  # a wrong result leaves no config behind
+    # a wrong result leaves no config behind: 'sorted' keeps whatever the shipped table had
+    assert table["configs"].get("sorted") == lt.load_table(lt.TABLE_PATH)["configs"].get("sorted")
     # the launchers read the written table: variant and configs as chosen
     lt.set_table(table)
     try:

@@ -17,7 +17,8 @@ measured on an H100 on 2026-11-25:
               masked throughout, of TMA loads (Triton 3.6's Hopper pass accepts no other
               form), so ``ws`` implies ``tma``; its configs have ``num_warps=4``, which the
               pass turns into a producer and two consumer warp groups (12 warps). The
-              interpreter ignores the specialisation (it runs the one masked loop)
+              interpreter ignores the specialisation (it runs the one masked loop).
+              Refused on GPUs: an H100 gave non-finite outputs with it (2026-12-05)
   fused_bwd   the backward in one kernel: dK/dV per key block as before, dQ added into an
               fp32 buffer with atomics (not bit-wise deterministic), instead of two kernels
   budget      the spill-free launch configs at head dim 128 (``compile_report.py`` shows

@@ -1016,6 +1016,18 @@ def _use_tma(variant: AttentionVariant, *tensors: torch.Tensor) -> bool:
     return True
 
 
+def _refuse_broken_on_gpu(variant: AttentionVariant) -> None:
+    """'ws' (the warp-specialised forward) compiles, and is exact in the interpreter, which
+    ignores the specialisation; on an H100 (Triton 3.6, 2026-12-05, benchmarks/RESULTS.md)
+    its output was not finite (relative difference inf on the packed 32K causal shape, NaN
+    on InternViT's bidirectional tiles) and it was the slowest forward. Refused on a GPU
+    until a chip shows it right, before anything is launched."""
+    if variant.warp_specialize and not triton_interpret():
+        raise ValueError(
+            f"attention variant {variant.name!r}: 'ws' is disabled on GPUs (on an H100 with Triton 3.6 it "
+            "returned non-finite outputs, benchmarks/RESULTS.md 2026-12-05); use 'tma' or 'default'")
+
+
 def _schedule_code(variant: AttentionVariant) -> int:
     return {"grid": 0, "sorted": 1, "persistent": 2}[variant.schedule]
 
@@ -1092,6 +1104,7 @@ def varlen_attention_fwd_triton(
     block_d = max(16, triton.next_power_of_2(d))
     left, right, has_left, has_right = _window_flags(causal, window_size)
     var = launch_table.variant_for("fwd", block_d, causal, variant)
+    _refuse_broken_on_gpu(var)
     out = torch.zeros_like(q)
     lse = torch.full((hq, total_q), -math.inf, dtype=torch.float32, device=q.device)
     if total_q == 0 or batch == 0 or max_seqlen_q == 0 or hq == 0:
