@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from longvita.kernels import reference as ref
+from longvita.kernels.attention import blocked as vab
 from longvita.kernels.attention import torch as vat
 from longvita.kernels.attention import varlen_attention, varlen_attention_bwd, varlen_attention_fwd
 
@@ -45,9 +46,9 @@ def small_blocks(monkeypatch):
     """Blocks of block_m query rows x block_n keys whatever the head count."""
 
     def set_blocks(block_m, block_n, heads):
-        monkeypatch.setattr(vat, "_BLOCK_M", block_m)
-        monkeypatch.setattr(vat, "_BLOCK_N", block_n)
-        monkeypatch.setattr(vat, "_SCORE_ELEMS", heads * block_m * block_n)
+        monkeypatch.setattr(vab, "_BLOCK_M", block_m)
+        monkeypatch.setattr(vab, "_BLOCK_N", block_n)
+        monkeypatch.setattr(vab, "_SCORE_ELEMS", heads * block_m * block_n)
 
     return set_blocks
 
@@ -94,7 +95,7 @@ def test_unequal_lengths_and_blocks(small_blocks, block_m, block_n, causal, wind
 
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (-1, -1)), (True, (600, -1))])
 def test_document_longer_than_the_real_block(causal, window):
-    assert vat._BLOCK_M < 1100 and vat._BLOCK_N < 1100
+    assert vab._BLOCK_M < 1100 and vab._BLOCK_N < 1100
     _compare([3, 1100, 0, 5], [3, 1100, 0, 5], 2, 1, 16, causal, window)
 
 
@@ -130,7 +131,7 @@ def test_low_precision_inputs_only_round_the_results(small_blocks, dtype, path):
 
 def test_decode_row_against_long_cache():
     """One query row against 5000 cached keys: a single key block, and the right answer."""
-    blocks = list(vat._key_blocks(0, 1, 1, 5000, -1, 0, vat._block_sizes(1, 4)[1], torch.device("cpu")))
+    blocks = list(vab._key_blocks(0, 1, 1, 5000, -1, 0, vab._block_sizes(1, 4)[1], torch.device("cpu")))
     assert [(n0, n1) for n0, n1, _ in blocks] == [(0, 5000)]
     _compare([1], [5000], 4, 2, 16, True, (-1, -1))
 

@@ -11,8 +11,8 @@ Backends (``backend=`` or ``LONGVITA_BACKEND``, chosen by ``_backend.resolve``):
 'triton' (the kernels in ``attention/triton.py``; CUDA tensors, or CPU tensors
 under ``TRITON_INTERPRET=1``), 'torch' (``attention/torch.py``, the CPU path: torch's
 fused CPU flash-attention kernel for every call without a window, flash-attention's
-blocked online softmax in plain torch for windows and float64; memory linear in the
-sequence length either way), and
+blocked online softmax in plain torch (``attention/blocked.py``) for windows and
+float64; memory linear in the sequence length either way), and
 'flash_attn' (the flash-attn package, when importable, for comparison).
 float64 inputs always run 'torch', which then computes in float64; so do bfloat16
 inputs in Triton's interpreter. There is no CUDA C++ attention: 'cuda' runs Triton.
