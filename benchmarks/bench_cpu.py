@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from common import Row, fmt_tokens, print_table, write_json
+from common import Row, fmt_tokens, print_table, with_backward, write_json
 
 NAME = "cpu"
 METRICS = ["tokens", "ms", "ratio", "repeats", "s", "prompt_tokens", "prefill_s", "tok_s", "steps"]
@@ -164,27 +164,6 @@ def sdpa_as_thd(outs: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([o[0].transpose(0, 1) for o in outs])
 
 
-def timed(fn, grad: bool, leaves):
-    """The timed callable: ``fn()`` without autograd, or with its backward (fixed random
-    cotangents for every output, the leaves' grads cleared after)."""
-    if not grad:
-        def run():
-            with torch.no_grad():
-                fn()
-        return run
-    cotangents = None
-
-    def run():
-        nonlocal cotangents
-        outs = fn()
-        if cotangents is None:
-            cotangents = [torch.randn_like(o) for o in outs]
-        torch.autograd.backward(outs, cotangents)
-        for t in leaves:
-            t.grad = None
-    return run
-
-
 def time_pair(ours, theirs, min_repeats: int, max_repeats: int, budget_s: float, repeat_ms: float = 50.0):
     """Interleaved timing (the order alternates per repeat) after one warm-up call each:
     (our median ms, their median ms, median of the paired ratios, repeats). A repeat runs
@@ -215,8 +194,9 @@ def run_attention(args, rows: list[Row], title: str) -> None:
             case = Case(what, n)
             torch.manual_seed(0)
             pair = setup(case)
+            mode = "fwd+bwd" if pair.grad else "fwd"
             ms_ours, ms_theirs, ratio, reps = time_pair(
-                timed(pair.ours, pair.grad, pair.leaves), timed(pair.theirs, pair.grad, pair.leaves),
+                with_backward(pair.ours, mode, pair.leaves), with_backward(pair.theirs, mode, pair.leaves),
                 args.min_repeats, args.repeats, args.case_seconds,
             )
             sdpa = pair.sdpa

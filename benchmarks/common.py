@@ -56,20 +56,22 @@ def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
 
 def with_backward(fwd, mode: str, leaves):
     """The timed callable of ``mode``: 'fwd' runs fwd() without grad; 'fwd+bwd' also runs
-    backward with a fixed cotangent and clears the leaves' grads."""
+    backward with fixed random cotangents (one per output when fwd() returns a tuple, e.g.
+    out and lse) and clears the leaves' grads."""
     if mode == "fwd":
         def run():
             with torch.no_grad():
                 fwd()
         return run
-    dout = None
+    douts = None
 
     def run():
-        nonlocal dout
-        out = fwd()
-        if dout is None:
-            dout = torch.randn_like(out)
-        torch.autograd.backward(out, dout)
+        nonlocal douts
+        outs = fwd()
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        if douts is None:
+            douts = [torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, douts)
         for t in leaves:
             t.grad = None
     return run
